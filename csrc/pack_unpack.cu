@@ -1,0 +1,160 @@
+// Pack and unpack paged KV-cache blocks into/out of a contiguous chunk (wire format: kvlink/wire.py).
+//
+// One launch covers every selected layer, K and V: plane_ptrs holds one base address per plane
+// (layer-major: L0 K, L0 V, L1 K, ...). Inside a plane, a token-head row lives at
+//     base + block_ids[t / tokens_per_block] * block_stride + (t % tokens_per_block) * token_stride
+//          + head * head_stride
+// and the chunk holds rows in (plane, token, head) order. Work is split into VEC-byte vectors;
+// VEC (16 where pointers, strides and rows allow it) is a template parameter so the copies are
+// 16-byte LDG/STG. Compiled at first use by NVRTC (kvlink/kernels.py), so no headers.
+//
+// When a token's selected heads are contiguous in the cache, the host merges them into one row
+// (heads_per_token = 1, row = heads * head bytes): fewer divisions per vector, same kernel.
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+template <int VEC> struct VecType;
+template <> struct VecType<16> { typedef uint4 T; };
+template <> struct VecType<8> { typedef uint2 T; };
+template <> struct VecType<4> { typedef unsigned int T; };
+template <> struct VecType<2> { typedef unsigned short T; };
+template <> struct VecType<1> { typedef unsigned char T; };
+
+// n / d for n < 2^31 with a precomputed (mul, shift) pair; see kvlink/kernels.py:fast_divisor.
+__device__ __forceinline__ u32 fast_div(u32 n, u32 mul, u32 shift) {
+    return (__umulhi(n, mul) + n) >> shift;
+}
+
+// Per-launch metadata, uploaded by the host in one copy as [Geometry | pad to 128 | header (64 B) |
+// block ids (int32)]. Field order and offsets are mirrored by kvlink/kernels.py:GEOMETRY_DTYPE.
+constexpr int META_HEADER_OFFSET = 128;
+constexpr int META_BLOCK_IDS_OFFSET = 192;
+struct Geometry {
+    i64 block_stride;      // bytes
+    i64 token_stride;      // bytes
+    i64 head_stride;       // bytes
+    u64 plane_bytes;       // payload bytes of one plane in the chunk
+    u32 num_planes;
+    u32 vecs_per_plane;    // selected tokens * heads_per_token * vecs_per_row  (< 2^31)
+    u32 vecs_per_row, vpr_mul, vpr_shift;
+    u32 heads_per_token, hpt_mul, hpt_shift;
+    u32 tokens_per_block, tpb_mul, tpb_shift;
+    u32 token_start;       // first selected token of the request
+    u32 head_start;        // first selected head in this cache
+    u32 check_mask;        // unpack: header words (bit i = word i) that must match
+};
+
+// Byte offset inside a plane of vector j of the selected box.
+__device__ __forceinline__ i64 cache_offset(const Geometry& g, const int* __restrict__ block_ids, u32 j, int vec) {
+    u32 row = fast_div(j, g.vpr_mul, g.vpr_shift);
+    u32 v = j - row * g.vecs_per_row;
+    u32 t = fast_div(row, g.hpt_mul, g.hpt_shift);
+    u32 h = row - t * g.heads_per_token;
+    u32 token = g.token_start + t;
+    u32 block_slot = fast_div(token, g.tpb_mul, g.tpb_shift);
+    u32 in_block = token - block_slot * g.tokens_per_block;
+    i64 block = (i64)__ldg(block_ids + block_slot);
+    return block * g.block_stride + (i64)in_block * g.token_stride + (i64)(g.head_start + h) * g.head_stride
+           + (i64)v * vec;
+}
+
+// Overridable at compile time for tuning (KVLINK_NVRTC_OPTIONS="-DKVLINK_UNROLL=8"); kernels.py
+// reads the same values to size the grid.
+#ifndef KVLINK_THREADS
+#define KVLINK_THREADS 256
+#endif
+#ifndef KVLINK_UNROLL
+#define KVLINK_UNROLL 4
+#endif
+constexpr int THREADS = KVLINK_THREADS;
+constexpr int UNROLL = KVLINK_UNROLL;
+constexpr int HEADER_BYTES = 64;
+
+// Copies the 64-byte header byte by byte, so any chunk alignment works.
+__device__ __forceinline__ void write_header(unsigned char* chunk, const unsigned char* header) {
+    if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x < HEADER_BYTES) chunk[threadIdx.x] = header[threadIdx.x];
+}
+
+template <int VEC>
+__global__ void __launch_bounds__(THREADS) kvlink_pack(
+    const unsigned char* __restrict__ meta, const u64* __restrict__ plane_ptrs, unsigned char* __restrict__ chunk) {
+    typedef typename VecType<VEC>::T V;
+    const Geometry g = *reinterpret_cast<const Geometry*>(meta);
+    const int* block_ids = reinterpret_cast<const int*>(meta + META_BLOCK_IDS_OFFSET);
+    write_header(chunk, meta + META_HEADER_OFFSET);
+    unsigned char* payload = chunk + HEADER_BYTES;
+    const u32 step = gridDim.x * THREADS * UNROLL;
+    for (u32 p = blockIdx.y; p < g.num_planes; p += gridDim.y) {
+        const unsigned char* plane = reinterpret_cast<const unsigned char*>(plane_ptrs[p]);
+        V* out = reinterpret_cast<V*>(payload + (u64)p * g.plane_bytes);
+        for (u32 base = blockIdx.x * THREADS * UNROLL + threadIdx.x; base < g.vecs_per_plane; base += step) {
+            V tmp[UNROLL];
+            // NOTE: all loads before any store, so UNROLL independent loads are in flight per thread.
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                u32 j = base + u * THREADS;
+                if (j < g.vecs_per_plane)
+                    tmp[u] = *reinterpret_cast<const V*>(plane + cache_offset(g, block_ids, j, VEC));
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                u32 j = base + u * THREADS;
+                if (j < g.vecs_per_plane) out[j] = tmp[u];
+            }
+        }
+    }
+}
+
+// Refuses the whole chunk (writes nothing, sets *status = 1) when its header differs from the
+// expected one (in the metadata) in any word selected by check_mask. Every thread block checks
+// for itself, so no block writes before knowing the chunk is good.
+template <int VEC>
+__global__ void __launch_bounds__(THREADS) kvlink_unpack(
+    const unsigned char* __restrict__ meta, const u64* __restrict__ plane_ptrs,
+    const unsigned char* __restrict__ chunk, int* __restrict__ status) {
+    typedef typename VecType<VEC>::T V;
+    const Geometry g = *reinterpret_cast<const Geometry*>(meta);
+    const int* block_ids = reinterpret_cast<const int*>(meta + META_BLOCK_IDS_OFFSET);
+    const unsigned char* expected_header = meta + META_HEADER_OFFSET;
+    int mismatch = 0;
+    if (threadIdx.x < HEADER_BYTES && ((g.check_mask >> (threadIdx.x / 4)) & 1u))
+        mismatch = chunk[threadIdx.x] != expected_header[threadIdx.x];
+    if (__syncthreads_or(mismatch)) {
+        if (threadIdx.x == 0) atomicExch(status, 1);
+        return;
+    }
+    const V* in = reinterpret_cast<const V*>(chunk + HEADER_BYTES);
+    const u32 step = gridDim.x * THREADS * UNROLL;
+    for (u32 p = blockIdx.y; p < g.num_planes; p += gridDim.y) {
+        unsigned char* plane = reinterpret_cast<unsigned char*>(plane_ptrs[p]);
+        const V* src = reinterpret_cast<const V*>(reinterpret_cast<const unsigned char*>(in) + (u64)p * g.plane_bytes);
+        for (u32 base = blockIdx.x * THREADS * UNROLL + threadIdx.x; base < g.vecs_per_plane; base += step) {
+            V tmp[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                u32 j = base + u * THREADS;
+                if (j < g.vecs_per_plane) tmp[u] = src[j];
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                u32 j = base + u * THREADS;
+                if (j < g.vecs_per_plane)
+                    *reinterpret_cast<V*>(plane + cache_offset(g, block_ids, j, VEC)) = tmp[u];
+            }
+        }
+    }
+}
+
+#ifdef KVLINK_INSTANTIATE_ALL
+// For offline compile checks (nvcc -cubin); at run time NVRTC instantiates through name expressions.
+#define KVLINK_INSTANTIATE(VEC)                                                                      \
+    template __global__ void kvlink_pack<VEC>(const unsigned char*, const u64*, unsigned char*);      \
+    template __global__ void kvlink_unpack<VEC>(const unsigned char*, const u64*, const unsigned char*, int*);
+KVLINK_INSTANTIATE(16)
+KVLINK_INSTANTIATE(8)
+KVLINK_INSTANTIATE(4)
+KVLINK_INSTANTIATE(2)
+KVLINK_INSTANTIATE(1)
+#endif

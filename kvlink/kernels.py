@@ -1,0 +1,190 @@
+"""The CUDA pack/unpack kernels (csrc/pack_unpack.cu): compiled at first use, launched on the caller's stream.
+
+Nothing here runs at import: CuPy is imported, and NVRTC compiles, on the first launch.
+CuPy caches the compiled module on disk, keyed by source and options (``CUPY_CACHE_DIR``),
+so later processes skip compilation.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvlink.selection import Selection
+from kvlink.wire import HEADER_CHECK_MASK, ChunkHeader
+
+import re
+
+# Extra NVRTC options for tuning experiments, e.g. "-DKVLINK_UNROLL=8 -DKVLINK_THREADS=512".
+EXTRA_OPTIONS = tuple(os.environ.get("KVLINK_NVRTC_OPTIONS", "").split())
+_defines = dict(re.findall(r"-DKVLINK_(THREADS|UNROLL)=(\d+)", " ".join(EXTRA_OPTIONS)))
+THREADS = int(_defines.get("THREADS", 256))
+UNROLL = int(_defines.get("UNROLL", 4))
+# Thread blocks per SM when the caller sets no max_ctas (KVLINK_CTAS_PER_SM overrides).
+CTAS_PER_SM = int(os.environ.get("KVLINK_CTAS_PER_SM", "8"))
+VEC_WIDTHS = (16, 8, 4, 2, 1)
+META_HEADER_OFFSET = 128
+META_BLOCK_IDS_OFFSET = 192
+SOURCE_NAME = "pack_unpack.cu"
+
+# Mirrors struct Geometry in csrc/pack_unpack.cu (offsets must match).
+GEOMETRY_DTYPE = np.dtype([
+    ("block_stride", "<i8"), ("token_stride", "<i8"), ("head_stride", "<i8"), ("plane_bytes", "<u8"),
+    ("num_planes", "<u4"), ("vecs_per_plane", "<u4"),
+    ("vecs_per_row", "<u4"), ("vpr_mul", "<u4"), ("vpr_shift", "<u4"),
+    ("heads_per_token", "<u4"), ("hpt_mul", "<u4"), ("hpt_shift", "<u4"),
+    ("tokens_per_block", "<u4"), ("tpb_mul", "<u4"), ("tpb_shift", "<u4"),
+    ("token_start", "<u4"), ("head_start", "<u4"), ("check_mask", "<u4"),
+])
+assert GEOMETRY_DTYPE.itemsize <= META_HEADER_OFFSET
+
+
+def csrc_dir() -> Path:
+    """Where the CUDA sources are: ``KVLINK_CSRC_DIR``, the installed package, or the checkout."""
+    override = os.environ.get("KVLINK_CSRC_DIR")
+    candidates = [Path(override)] if override else []
+    here = Path(__file__).resolve().parent
+    candidates += [here / "csrc", here.parent / "csrc"]
+    for candidate in candidates:
+        if (candidate / SOURCE_NAME).is_file():
+            return candidate
+    raise FileNotFoundError(f"kvlink CUDA sources ({SOURCE_NAME}) not found in {[str(c) for c in candidates]}")
+
+
+def kernel_source() -> str:
+    return (csrc_dir() / SOURCE_NAME).read_text()
+
+
+def fast_divisor(d: int) -> tuple[int, int]:
+    """(mul, shift) with ``(umulhi(n, mul) + n) >> shift == n // d`` for every ``0 <= n < 2**31``."""
+    if not 1 <= d < 2**31:
+        raise ValueError(f"divisor {d} outside [1, 2**31)")
+    shift = (d - 1).bit_length()  # ceil(log2(d))
+    mul = ((1 << 32) * ((1 << shift) - d)) // d + 1
+    return mul & 0xFFFFFFFF, shift
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_available() -> bool:
+    """True when torch sees a GPU and CuPy imports (the kernels' two needs)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cupy  # noqa: F401
+    except Exception:  # ImportError, or a CuPy built for another CUDA
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _module(device_index: int):
+    import cupy
+
+    names = [f"kvlink_{kind}<{vec}>" for kind in ("pack", "unpack") for vec in VEC_WIDTHS]
+    with cupy.cuda.Device(device_index):
+        # CuPy picks the device's architecture itself.
+        module = cupy.RawModule(code=kernel_source(), options=EXTRA_OPTIONS, name_expressions=names)
+        module.compile()
+    return module
+
+
+def _kernel(device_index: int, kind: str, vec: int):
+    return _module(device_index).get_function(f"kvlink_{kind}<{vec}>")
+
+
+def _plane_table(sel: Selection) -> torch.Tensor:
+    """The layout's plane base addresses on its device, uploaded once per layout."""
+    layout = sel.layout
+    table = layout.__dict__.get("_plane_table")
+    if table is None:
+        table = torch.tensor(layout.plane_ptrs(), dtype=torch.int64).to(layout.device)
+        object.__setattr__(layout, "_plane_table", table)  # frozen dataclass: cache out of band
+    return table
+
+
+def _geometry(sel: Selection, chunk_ptr: int) -> tuple[np.ndarray, int]:
+    """The Geometry record and the vector width for this selection and chunk address."""
+    layout = sel.layout
+    heads = sel.num_selected_heads
+    row_bytes = layout.row_bytes
+    heads_per_token = heads
+    # NOTE: merge a token's selected heads into one row when they sit back to back in the cache:
+    # fewer divisions per vector, and the common NHD case becomes runs of heads*head_dim bytes.
+    if layout.head_stride == row_bytes or heads == 1:
+        row_bytes *= heads
+        heads_per_token = 1
+    payload_ptr = chunk_ptr + 64
+    alignment_terms = [row_bytes, payload_ptr, sel.plane_bytes, layout.block_stride, layout.token_stride,
+                       layout.head_stride, *layout.plane_ptrs()[sel.first_plane: sel.first_plane + sel.num_planes]]
+    alignment = functools.reduce(math.gcd, alignment_terms)
+    vec = next(w for w in VEC_WIDTHS if alignment % w == 0)
+    vecs_per_row = row_bytes // vec
+    vecs_per_plane = sel.num_selected_tokens * heads_per_token * vecs_per_row
+    if vecs_per_plane >= 2**31:
+        raise ValueError(
+            f"one plane of this chunk is {sel.plane_bytes} bytes in {vec}-byte vectors, over the kernel's 2**31 "
+            "vectors; split the request into several chunks (tokens=...)"
+        )
+    geometry = np.zeros((), dtype=GEOMETRY_DTYPE)
+    values = dict(
+        block_stride=layout.block_stride, token_stride=layout.token_stride, head_stride=layout.head_stride,
+        plane_bytes=sel.plane_bytes, num_planes=sel.num_planes, vecs_per_plane=vecs_per_plane,
+        vecs_per_row=vecs_per_row, heads_per_token=heads_per_token, tokens_per_block=layout.block_size,
+        token_start=sel.token_start, head_start=sel.head_start, check_mask=HEADER_CHECK_MASK,
+    )
+    for field, value in values.items():
+        geometry[field] = value
+    for prefix, divisor in (("vpr", vecs_per_row), ("hpt", heads_per_token), ("tpb", layout.block_size)):
+        geometry[f"{prefix}_mul"], geometry[f"{prefix}_shift"] = fast_divisor(divisor)
+    return geometry, vec
+
+
+def _upload_metadata(sel: Selection, geometry: np.ndarray, header: ChunkHeader, stream) -> torch.Tensor:
+    meta = np.zeros(META_BLOCK_IDS_OFFSET + 4 * sel.block_ids.size, dtype=np.uint8)
+    meta[: GEOMETRY_DTYPE.itemsize] = np.frombuffer(geometry.tobytes(), dtype=np.uint8)
+    meta[META_HEADER_OFFSET:META_BLOCK_IDS_OFFSET] = np.frombuffer(header.to_bytes(), dtype=np.uint8)
+    meta[META_BLOCK_IDS_OFFSET:] = np.frombuffer(sel.block_ids.astype("<i4").tobytes(), dtype=np.uint8)
+    # Pinned staging + non_blocking copy on the launch stream: no host-device sync. torch's
+    # caching host allocator keeps the pinned block until the copy has run.
+    with torch.cuda.stream(stream):
+        return torch.from_numpy(meta).pin_memory().to(sel.layout.device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _grid(sel: Selection, vecs_per_plane: int, max_ctas: int | None) -> tuple[int, int]:
+    if max_ctas is None:
+        max_ctas = CTAS_PER_SM * _sm_count(sel.layout.device.index)
+    planes = min(sel.num_planes, 65535, max(1, max_ctas))
+    per_plane = -(-vecs_per_plane // (THREADS * UNROLL))
+    return max(1, min(per_plane, max_ctas // planes)), planes
+
+
+def launch(kind: str, sel: Selection, chunk: torch.Tensor, stream: torch.cuda.Stream,
+           *, status: torch.Tensor | None = None, max_ctas: int | None = None) -> None:
+    """Launch ``kvlink_pack`` or ``kvlink_unpack`` for a validated selection on ``stream``."""
+    import cupy
+
+    device_index = sel.layout.device.index if sel.layout.device.index is not None else torch.cuda.current_device()
+    geometry, vec = _geometry(sel, chunk.data_ptr())
+    meta = _upload_metadata(sel, geometry, ChunkHeader.for_selection(sel), stream)
+    table = _plane_table(sel)
+    planes_ptr = table.data_ptr() + 8 * sel.first_plane
+    grid = _grid(sel, int(geometry["vecs_per_plane"]), max_ctas)
+    kernel = _kernel(device_index, kind, vec)
+    args = [np.uint64(meta.data_ptr()), np.uint64(planes_ptr), np.uint64(chunk.data_ptr())]
+    if kind == "unpack":
+        args.append(np.uint64(status.data_ptr()))
+    with cupy.cuda.Device(device_index), cupy.cuda.ExternalStream(stream.cuda_stream, device_index):
+        kernel(grid, (THREADS,), tuple(args))
+    # NOTE: ``meta`` is freed on return while the kernel may still read it: safe, because it was
+    # allocated on ``stream`` and torch's caching allocator reuses it only for work queued later
+    # on that stream.

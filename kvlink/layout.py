@@ -1,0 +1,226 @@
+"""What an engine's paged KV cache looks like in memory, read from its real tensors.
+
+Every supported engine layout reduces to the same model: a list of *planes*, one per
+(layer, K or V) — a single plane per layer for MLA's latent — and inside each plane a 4-D
+strided view ``[block, token, head, head_dim]``. The strides are read from the engine's
+tensors, never assumed, so strided views into one shared buffer (vLLM 2026, TensorRT-LLM)
+work the same as one contiguous tensor per layer.
+
+The pack/unpack kernels and the torch reference both address a token as
+``plane_base + block * block_stride + token * token_stride + head * head_stride``; head_dim
+must be the innermost, unit-stride dimension (true of every engine we know).
+
+Engine-specific constructors live in :mod:`kvlink.presets`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+# Dtypes a cache may use, with the code that identifies them on the wire (kvlink.wire).
+# Codes are part of the wire format: never renumber, only append.
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.float32: 3,
+    torch.uint8: 4,  # raw bytes, e.g. vLLM's fp8 MLA cache (656 bytes a token)
+    torch.float8_e4m3fn: 5,
+    torch.float8_e5m2: 6,
+    torch.int8: 7,
+}
+DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+@dataclass(frozen=True, eq=False)
+class CacheLayout:
+    """An engine's paged KV cache, described by per-plane 4-D views.
+
+    Build one with a constructor in :mod:`kvlink.presets` (or :meth:`from_planes` for a
+    layout of your own). The layout keeps the engine's tensors alive; it never copies them.
+
+    Attributes:
+        name: the preset that built it, e.g. ``"vllm_flash_attn_nhd"``; used in logs and errors.
+        num_layers: layers in this cache (the local ones, under pipeline parallelism).
+        num_kv: 2 when K and V are stored, 1 for MLA's single latent.
+        num_blocks: blocks (pages) per plane.
+        block_size: tokens per block.
+        num_heads: KV heads held locally.
+        head_dim: elements per head (576 for an MLA latent, 656 for vLLM's fp8 MLA bytes).
+        dtype: element type.
+        block_stride, token_stride, head_stride: byte strides inside every plane.
+        planes: ``num_layers * num_kv`` tensors ``[num_blocks, block_size, num_heads,
+            head_dim]`` ordered layer-major (layer 0 K, layer 0 V, layer 1 K, ...).
+    """
+
+    name: str
+    num_layers: int
+    num_kv: int
+    num_blocks: int
+    block_size: int
+    num_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    block_stride: int
+    token_stride: int
+    head_stride: int
+    planes: tuple[torch.Tensor, ...] = field(repr=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_planes(cls, name: str, planes_by_layer: Sequence[Sequence[torch.Tensor]]) -> "CacheLayout":
+        """Build a layout from ``[block, token, head, head_dim]`` views, one list per layer.
+
+        Each layer's list holds its K and V views (or the one MLA latent view). All views must
+        share shape, dtype, device and strides, and head_dim must have unit stride.
+        """
+        if not isinstance(planes_by_layer, (list, tuple)) or len(planes_by_layer) == 0:
+            raise ValueError(f"{name}: expected a non-empty list of layers, got {type(planes_by_layer).__name__}")
+        num_kv = len(planes_by_layer[0])
+        if num_kv not in (1, 2):
+            raise ValueError(f"{name}: each layer needs 1 (MLA) or 2 (K, V) planes, got {num_kv}")
+        flat: list[torch.Tensor] = []
+        for layer_idx, layer_planes in enumerate(planes_by_layer):
+            if len(layer_planes) != num_kv:
+                raise ValueError(
+                    f"{name}: layer {layer_idx} has {len(layer_planes)} planes, layer 0 has {num_kv}"
+                )
+            for plane in layer_planes:
+                if not isinstance(plane, torch.Tensor):
+                    raise TypeError(f"{name}: layer {layer_idx}: expected torch.Tensor, got {type(plane).__name__}")
+                flat.append(plane)
+
+        first = flat[0]
+        if first.dim() != 4:
+            raise ValueError(f"{name}: plane views must be 4-D [block, token, head, head_dim], got shape {tuple(first.shape)}")
+        if first.dtype not in DTYPE_CODES:
+            raise TypeError(f"{name}: unsupported cache dtype {first.dtype}; supported: {sorted(map(str, DTYPE_CODES))}")
+        for plane_idx, plane in enumerate(flat):
+            where = f"{name}: layer {plane_idx // num_kv} plane {plane_idx % num_kv}"
+            if plane.shape != first.shape:
+                raise ValueError(f"{where}: shape {tuple(plane.shape)} differs from layer 0's {tuple(first.shape)}")
+            if plane.dtype != first.dtype:
+                raise TypeError(f"{where}: dtype {plane.dtype} differs from layer 0's {first.dtype}")
+            if plane.device != first.device:
+                raise ValueError(f"{where}: device {plane.device} differs from layer 0's {first.device}")
+            if plane.stride() != first.stride():
+                raise ValueError(
+                    f"{where}: strides {plane.stride()} differ from layer 0's {first.stride()}; "
+                    "kvlink needs one stride pattern for all layers"
+                )
+        num_blocks, block_size, num_heads, head_dim = (int(s) for s in first.shape)
+        if min(num_blocks, block_size, num_heads, head_dim) <= 0:
+            raise ValueError(f"{name}: empty cache shape {tuple(first.shape)}")
+        block_stride, token_stride, head_stride, dim_stride = first.stride()
+        if dim_stride != 1 and head_dim > 1:
+            raise ValueError(
+                f"{name}: head_dim must be the innermost unit-stride dimension, got stride {dim_stride}"
+            )
+        for dim_name, stride in (("block", block_stride), ("token", token_stride), ("head", head_stride)):
+            if stride <= 0:
+                raise ValueError(f"{name}: {dim_name} stride must be positive, got {stride}")
+        _check_no_self_overlap(name, first.shape, first.stride())
+        ptrs = [plane.data_ptr() for plane in flat]
+        if len(set(ptrs)) != len(ptrs):
+            raise ValueError(f"{name}: two planes start at the same address; K and V of every layer must be distinct")
+
+        esize = first.element_size()
+        return cls(
+            name=name,
+            num_layers=len(planes_by_layer),
+            num_kv=num_kv,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            dtype=first.dtype,
+            device=first.device,
+            block_stride=block_stride * esize,
+            token_stride=token_stride * esize,
+            head_stride=head_stride * esize,
+            planes=tuple(flat),
+        )
+
+    # ------------------------------------------------------------------ derived facts
+    @property
+    def num_planes(self) -> int:
+        return self.num_layers * self.num_kv
+
+    @property
+    def element_size(self) -> int:
+        return self.planes[0].element_size()
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one (token, head) row: head_dim elements."""
+        return self.head_dim * self.element_size
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies across every layer, K and V, and all local heads."""
+        return self.num_planes * self.num_heads * self.row_bytes
+
+    def plane(self, layer_idx: int, kv_idx: int = 0) -> torch.Tensor:
+        """The ``[block, token, head, head_dim]`` view of one layer's K (0) or V (1)."""
+        return self.planes[layer_idx * self.num_kv + kv_idx]
+
+    def plane_ptrs(self) -> list[int]:
+        return [plane.data_ptr() for plane in self.planes]
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies what must match between two sides to exchange packed chunks.
+
+        Covers layers, K/V or MLA, head_dim and dtype: what one packed row is. Block size and
+        physical layout are left out on purpose, since pack and unpack convert between them,
+        and so is the local head count, which differs under tensor parallelism (a chunk names
+        its head range in its header instead).
+        """
+        text = (
+            f"kvlink-layout-v1|layers={self.num_layers}|kv={self.num_kv}"
+            f"|head_dim={self.head_dim}|dtype={str(self.dtype).removeprefix('torch.')}"
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        """One line for logs: preset, geometry, dtype, device and strides."""
+        kind = "MLA latent" if self.num_kv == 1 else "K/V"
+        return (
+            f"{self.name}: {self.num_layers} layers {kind}, {self.num_blocks} blocks x {self.block_size} tokens, "
+            f"{self.num_heads} heads x {self.head_dim} {str(self.dtype).removeprefix('torch.')}, "
+            f"strides block/token/head {self.block_stride}/{self.token_stride}/{self.head_stride} B, "
+            f"on {self.device}, fingerprint {self.fingerprint}"
+        )
+
+    def check_compatible(self, other: "CacheLayout") -> None:
+        """Raise ValueError naming the first field where ``other`` cannot receive our chunks.
+
+        Head counts may differ (tensor parallelism); the head ranges of each chunk are checked
+        when it is packed and unpacked.
+        """
+        for attr in ("num_layers", "num_kv", "head_dim", "dtype"):
+            mine, theirs = getattr(self, attr), getattr(other, attr)
+            if mine != theirs:
+                raise ValueError(
+                    f"incompatible layouts: {attr} is {mine} in {self.name} but {theirs} in {other.name}"
+                )
+
+
+def _check_no_self_overlap(name: str, shape: Sequence[int], strides: Sequence[int]) -> None:
+    """Reject views whose (block, token, head, dim) addresses collide.
+
+    Sufficient test: sorted by stride, each dimension must step past the whole extent of the
+    smaller ones. Every real engine layout passes; a broadcast or aliased view does not.
+    """
+    dims = sorted((int(st), int(sz)) for st, sz in zip(strides, shape) if sz > 1)
+    extent = 1
+    for stride, size in dims:
+        if stride < extent:
+            raise ValueError(
+                f"{name}: the view's strides {tuple(strides)} for shape {tuple(shape)} make cache entries overlap"
+            )
+        extent = stride * (size - 1) + extent

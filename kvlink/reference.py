@@ -1,0 +1,55 @@
+"""Pack and unpack in plain torch, on CPU or GPU.
+
+The oracle for every kernel test, and the path used where no GPU (or no CuPy) is present.
+Works on bytes (``uint8`` views of each plane), so every dtype, fp8 included, is copied
+bit-exactly. Callers validate first (:func:`kvlink.selection.select`); these functions
+trust their Selection.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvlink.selection import HEADER_BYTES, Selection
+from kvlink.wire import ChunkHeader
+
+
+def _token_positions(sel: Selection) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block id, offset in block) for each selected token, on the layout's device."""
+    layout = sel.layout
+    token_idx = torch.arange(sel.token_start, sel.token_stop, dtype=torch.int64)
+    block_ids = torch.from_numpy(sel.block_ids).to(torch.int64)
+    blocks = block_ids[token_idx // layout.block_size]
+    offsets = token_idx % layout.block_size
+    return blocks.to(layout.device), offsets.to(layout.device)
+
+
+def _byte_plane(sel: Selection, plane_idx: int) -> torch.Tensor:
+    """``[block, token, head, row_bytes]`` uint8 view of one plane."""
+    plane = sel.layout.planes[plane_idx]
+    return plane.view(torch.uint8) if plane.dtype != torch.uint8 else plane
+
+
+def pack_reference(sel: Selection, chunk: torch.Tensor) -> None:
+    """Write ``sel``'s header and payload into ``chunk`` (uint8, at least ``sel.chunk_bytes``)."""
+    header = torch.frombuffer(bytearray(ChunkHeader.for_selection(sel).to_bytes()), dtype=torch.uint8)
+    chunk[:HEADER_BYTES].copy_(header)
+    blocks, offsets = _token_positions(sel)
+    payload = chunk[HEADER_BYTES: sel.chunk_bytes].view(sel.num_planes, sel.num_selected_tokens,
+                                                        sel.num_selected_heads, sel.layout.row_bytes)
+    for i in range(sel.num_planes):
+        plane = _byte_plane(sel, sel.first_plane + i)
+        payload[i].copy_(plane[blocks, offsets, sel.head_start: sel.head_stop])
+
+
+def unpack_reference(sel: Selection, chunk: torch.Tensor, *, check_header: bool = True) -> None:
+    """Scatter ``chunk`` into ``sel``'s blocks; with ``check_header``, refuse a mismatched chunk before writing."""
+    if check_header:
+        received = ChunkHeader.from_bytes(chunk[:HEADER_BYTES].cpu().numpy().tobytes())
+        received.check_matches(ChunkHeader.for_selection(sel))
+    blocks, offsets = _token_positions(sel)
+    payload = chunk[HEADER_BYTES: sel.chunk_bytes].view(sel.num_planes, sel.num_selected_tokens,
+                                                        sel.num_selected_heads, sel.layout.row_bytes)
+    for i in range(sel.num_planes):
+        plane = _byte_plane(sel, sel.first_plane + i)
+        plane[blocks, offsets, sel.head_start: sel.head_stop] = payload[i]

@@ -1,0 +1,166 @@
+"""Which part of a cache one packed chunk covers, validated before any byte moves.
+
+A request's KV lives in an ordered list of blocks holding ``num_tokens`` tokens (the last
+block may be partial). A chunk covers a box of it: layers ``[layer_start, layer_stop)``,
+tokens ``[token_start, token_stop)`` counted from the request's first token, and heads
+``[head_start, head_stop)`` of the local cache. Pack reads that box from the source; unpack
+writes the same box (same layers and tokens, possibly other head positions) into the
+destination's own blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Integral
+
+import numpy as np
+import torch
+
+from kvlink.layout import CacheLayout
+
+HEADER_BYTES = 64  # see kvlink.wire; here so payload offsets need no import cycle
+
+
+@dataclass(frozen=True, eq=False)
+class Selection:
+    """A validated (layout, blocks, tokens, layers, heads) box; build with :func:`select`."""
+
+    layout: CacheLayout
+    block_ids: np.ndarray  # int32, 1-D
+    num_tokens: int
+    layer_start: int
+    layer_stop: int
+    token_start: int
+    token_stop: int
+    head_start: int
+    head_stop: int
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_stop - self.layer_start
+
+    @property
+    def num_planes(self) -> int:
+        return self.num_layers * self.layout.num_kv
+
+    @property
+    def first_plane(self) -> int:
+        return self.layer_start * self.layout.num_kv
+
+    @property
+    def num_selected_tokens(self) -> int:
+        return self.token_stop - self.token_start
+
+    @property
+    def num_selected_heads(self) -> int:
+        return self.head_stop - self.head_start
+
+    @property
+    def plane_bytes(self) -> int:
+        """Payload bytes of one plane: tokens x heads x head_dim elements."""
+        return self.num_selected_tokens * self.num_selected_heads * self.layout.row_bytes
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.num_planes * self.plane_bytes
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Header plus payload: the size of the staging buffer pack writes."""
+        return HEADER_BYTES + self.payload_bytes
+
+
+def _as_range(name: str, value, limit: int) -> tuple[int, int]:
+    if value is None:
+        return 0, limit
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name} must be a (start, stop) pair, got {value!r}")
+    start, stop = value
+    for v in (start, stop):
+        if isinstance(v, bool) or not isinstance(v, Integral):
+            raise TypeError(f"{name} must hold ints, got {value!r}")
+    start, stop = int(start), int(stop)
+    if not 0 <= start < stop <= limit:
+        raise ValueError(f"{name}={value!r} is outside [0, {limit}) or empty")
+    return start, stop
+
+
+def block_ids_to_numpy(block_ids, name: str = "block_ids") -> np.ndarray:
+    """Accept a list, tuple, numpy array or torch tensor of ints; return a 1-D int64 numpy array."""
+    if isinstance(block_ids, torch.Tensor):
+        if block_ids.dtype.is_floating_point or block_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise TypeError(f"{name} must hold integers, got {block_ids.dtype}")
+        array = block_ids.detach().to("cpu").numpy()
+    else:
+        array = np.asarray(block_ids)
+        if array.size == 0 and array.ndim == 1:
+            return np.zeros(0, dtype=np.int64)
+        if array.dtype == object:
+            raise TypeError(f"{name} must hold integers, got {block_ids!r:.80}")
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    return array.astype(np.int64, copy=False)
+
+
+def select(
+    layout: CacheLayout,
+    block_ids,
+    num_tokens: int,
+    *,
+    layers: tuple[int, int] | None = None,
+    tokens: tuple[int, int] | None = None,
+    heads: tuple[int, int] | None = None,
+    destination: bool = False,
+) -> Selection:
+    """Validate a chunk's box against ``layout``; raise ValueError/TypeError naming the bad argument.
+
+    Args:
+        block_ids: the request's blocks in token order (list, numpy array or CPU tensor of ints).
+        num_tokens: tokens the request holds in those blocks; every block must hold at least one.
+        layers, tokens, heads: ``(start, stop)`` ranges; ``None`` means all.
+        destination: the blocks will be written, so duplicates are refused.
+    """
+    if not isinstance(layout, CacheLayout):
+        raise TypeError(f"layout must be a kvlink CacheLayout, got {type(layout).__name__}")
+    ids = block_ids_to_numpy(block_ids)
+    if ids.size == 0:
+        raise ValueError("block_ids is empty")
+    bad = (ids < 0) | (ids >= layout.num_blocks)
+    if bad.any():
+        raise ValueError(
+            f"block_ids[{int(np.argmax(bad))}]={int(ids[bad][0])} is out of range [0, {layout.num_blocks}) "
+            f"for {layout.name}"
+        )
+    if destination:
+        unique, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"destination block_ids repeat block {int(unique[counts > 1][0])}")
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, Integral):
+        raise TypeError(f"num_tokens must be an int, got {type(num_tokens).__name__}")
+    num_tokens = int(num_tokens)
+    capacity = ids.size * layout.block_size
+    if num_tokens <= 0 or num_tokens > capacity:
+        raise ValueError(
+            f"num_tokens={num_tokens} does not fit {ids.size} blocks of {layout.block_size} tokens (at most {capacity})"
+        )
+    needed_blocks = -(-num_tokens // layout.block_size)
+    if needed_blocks != ids.size:
+        raise ValueError(
+            f"num_tokens={num_tokens} fills {needed_blocks} blocks of {layout.block_size} but {ids.size} block ids were given"
+        )
+    layer_start, layer_stop = _as_range("layers", layers, layout.num_layers)
+    token_start, token_stop = _as_range("tokens", tokens, num_tokens)
+    head_start, head_stop = _as_range("heads", heads, layout.num_heads)
+    return Selection(
+        layout=layout,
+        block_ids=ids.astype(np.int32),
+        num_tokens=num_tokens,
+        layer_start=layer_start,
+        layer_stop=layer_stop,
+        token_start=token_start,
+        token_stop=token_stop,
+        head_start=head_start,
+        head_stop=head_stop,
+    )

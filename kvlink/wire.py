@@ -1,0 +1,155 @@
+"""The packed chunk: what travels on the wire between prefill and decode.
+
+A chunk is a 64-byte header followed by the payload::
+
+    offset 0   header (64 bytes, little-endian, below)
+    offset 64  payload: for each layer in [layer_start, layer_stop)
+                          for each of K, V (MLA: the latent only)
+                            for each token in [token_start, token_stop)
+                              for each head in the chunk's head range
+                                head_dim elements, in the cache dtype
+
+The payload order is layer-major so one layer is one contiguous run (layer-wise transfers
+send a layer as soon as it is written) and token-granular so the receiver can use any block
+size: the sender's blocks are gone once packed.
+
+Header (16 little-endian 32-bit words):
+
+    word  field
+    0     magic b"KVLK"
+    1     version (u16) | header bytes (u16) << 16
+    2     dtype code (u8) | num_kv (u8) << 8 | flags (u16) << 16
+    3-4   layer_start, layer_stop
+    5-6   token_start, token_stop
+    7-8   head_start, head_stop (the sender's local head indices)
+    9     head_dim
+    10    element bytes
+    11-12 payload bytes (u64)
+    13-14 the first 8 bytes of the layout fingerprint (see CacheLayout.fingerprint)
+    15    reserved (0)
+
+A receiver checks every word except the sender's head indices (it knows how many heads come
+from the payload size, and places them at its own head positions) and the reserved word.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvlink.layout import DTYPE_CODES, DTYPES_BY_CODE
+from kvlink.selection import HEADER_BYTES, Selection
+
+MAGIC = b"KVLK"
+WIRE_VERSION = 1
+_FORMAT = struct.Struct("<4sHHBBHIIIIIIIIQ8sI")
+assert _FORMAT.size == HEADER_BYTES
+
+# Words a receiver compares (bit i = word i): all but head_start, head_stop and reserved.
+HEADER_CHECK_MASK = 0xFFFF & ~((1 << 7) | (1 << 8) | (1 << 15))
+
+# Unpack status codes written by the CUDA kernel (and raised as errors by check_status).
+STATUS_OK = 0
+STATUS_HEADER_MISMATCH = 1
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    dtype_code: int
+    num_kv: int
+    layer_start: int
+    layer_stop: int
+    token_start: int
+    token_stop: int
+    head_start: int
+    head_stop: int
+    head_dim: int
+    element_bytes: int
+    payload_bytes: int
+    fingerprint: bytes  # 8 bytes
+    flags: int = 0
+    version: int = WIRE_VERSION
+
+    @classmethod
+    def for_selection(cls, sel: Selection) -> "ChunkHeader":
+        layout = sel.layout
+        return cls(
+            dtype_code=DTYPE_CODES[layout.dtype],
+            num_kv=layout.num_kv,
+            layer_start=sel.layer_start,
+            layer_stop=sel.layer_stop,
+            token_start=sel.token_start,
+            token_stop=sel.token_stop,
+            head_start=sel.head_start,
+            head_stop=sel.head_stop,
+            head_dim=layout.head_dim,
+            element_bytes=layout.element_size,
+            payload_bytes=sel.payload_bytes,
+            fingerprint=bytes.fromhex(layout.fingerprint)[:8],
+        )
+
+    def to_bytes(self) -> bytes:
+        return _FORMAT.pack(
+            MAGIC, self.version, HEADER_BYTES, self.dtype_code, self.num_kv, self.flags,
+            self.layer_start, self.layer_stop, self.token_start, self.token_stop,
+            self.head_start, self.head_stop, self.head_dim, self.element_bytes,
+            self.payload_bytes, self.fingerprint, 0,
+        )
+
+    def to_words(self) -> np.ndarray:
+        return np.frombuffer(self.to_bytes(), dtype="<u4").copy()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ChunkHeader":
+        """Parse a header; ValueError on a short buffer, a bad magic or an unknown version."""
+        data = bytes(data)
+        if len(data) < HEADER_BYTES:
+            raise ValueError(f"chunk header needs {HEADER_BYTES} bytes, got {len(data)}")
+        (magic, version, header_bytes, dtype_code, num_kv, flags, layer_start, layer_stop,
+         token_start, token_stop, head_start, head_stop, head_dim, element_bytes,
+         payload_bytes, fingerprint, _reserved) = _FORMAT.unpack(data[:HEADER_BYTES])
+        if magic != MAGIC:
+            raise ValueError(f"not a kvlink chunk: magic {magic!r}, expected {MAGIC!r}")
+        if version != WIRE_VERSION or header_bytes != HEADER_BYTES:
+            raise ValueError(
+                f"unsupported chunk version {version} (header {header_bytes} bytes); this kvlink speaks "
+                f"version {WIRE_VERSION} with {HEADER_BYTES}-byte headers"
+            )
+        if dtype_code not in DTYPES_BY_CODE:
+            raise ValueError(f"chunk header names unknown dtype code {dtype_code}")
+        return cls(
+            dtype_code=dtype_code, num_kv=num_kv, layer_start=layer_start, layer_stop=layer_stop,
+            token_start=token_start, token_stop=token_stop, head_start=head_start, head_stop=head_stop,
+            head_dim=head_dim, element_bytes=element_bytes, payload_bytes=payload_bytes,
+            fingerprint=fingerprint, flags=flags, version=version,
+        )
+
+    def check_matches(self, expected: "ChunkHeader") -> None:
+        """Raise ValueError naming the first field where this (received) header differs from ``expected``."""
+        for name in ("version", "dtype_code", "num_kv", "flags", "layer_start", "layer_stop", "token_start",
+                     "token_stop", "head_dim", "element_bytes", "payload_bytes", "fingerprint"):
+            got, want = getattr(self, name), getattr(expected, name)
+            if got != want:
+                if name == "dtype_code":
+                    got, want = DTYPES_BY_CODE.get(got, got), DTYPES_BY_CODE.get(want, want)
+                    name = "dtype"
+                raise ValueError(f"received chunk does not match the destination: {name} is {got}, expected {want}")
+
+
+class ChunkError(RuntimeError):
+    """A received chunk was refused on the GPU (its header did not match); nothing was written."""
+
+
+def check_status(status) -> None:
+    """Wait for an unpack's status word and raise :class:`ChunkError` if it refused the chunk.
+
+    This synchronizes with the stream the unpack ran on; call it where a sync is acceptable
+    (tests, completion handling), not on the engine's critical path.
+    """
+    code = int(status.reshape(-1)[0].item())
+    if code == STATUS_HEADER_MISMATCH:
+        raise ChunkError("unpack refused a chunk whose header did not match the destination; nothing was written")
+    if code != STATUS_OK:
+        raise ChunkError(f"unpack reported unknown status {code}")

@@ -1,0 +1,126 @@
+"""The CUDA pack/unpack kernels equal the torch reference byte for byte (skipped without a GPU).
+
+Fresh random inputs, poisoned outputs, every layout preset in both directions, odd alignments.
+"""
+
+import pytest
+import torch
+
+import kvlink
+from conftest import requires_gpu
+from engine_access import snapshot
+from kvlink import presets
+from roundtrip import make_cache, random_blocks, roundtrip
+
+pytestmark = [requires_gpu, pytest.mark.gpu]
+
+MHA = [p for p in presets.PRESETS if p not in presets.MLA_PRESETS]
+MLA = list(presets.MLA_PRESETS)
+
+
+def gpu_cache(preset, generator, **kw):
+    kw.setdefault("head_dim", 576 if preset in MLA else 128)
+    return make_cache(preset, generator, device="cuda", **kw)
+
+
+def pack_both_ways(layout, ids, num_tokens, generator, offset=0, **box):
+    """Pack with the kernel and with the reference into differently poisoned buffers; they must agree."""
+    nbytes = kvlink.packed_nbytes(layout, num_tokens, **box)
+    a = torch.randint(0, 256, (nbytes + offset,), dtype=torch.uint8, generator=generator).cuda()[offset:]
+    b = torch.randint(0, 256, (nbytes + offset,), dtype=torch.uint8, generator=generator).cuda()[offset:]
+    kvlink.pack(layout, ids, num_tokens, a, backend="cuda", **box)
+    kvlink.pack(layout, ids, num_tokens, b, backend="torch", **box)
+    torch.cuda.synchronize()
+    assert torch.equal(a, b), f"kernel pack differs from reference in {(a != b).sum().item()} bytes"
+    return a
+
+
+@pytest.mark.parametrize("preset", presets.PRESETS)
+def test_every_preset_both_directions(preset, generator):
+    """Pack from the preset, unpack into another preset and back into the preset itself, via the kernel."""
+    other = {"vllm_mla": "sglang_mla", "sglang_mla": "vllm_mla"}.get(preset, "tensorrt_llm" if preset != "tensorrt_llm" else "vllm_flash_attn_hnd")
+    a = gpu_cache(preset, generator, block_size=16)
+    b = gpu_cache(other, generator, block_size=32)
+    num_tokens = 16 * 11 + 5
+    pack_both_ways(a.layout, random_blocks(a.layout, num_tokens, generator), num_tokens, generator)
+    roundtrip(a, b, num_tokens, generator, backend="cuda")
+    roundtrip(b, a, num_tokens, generator, backend="cuda")
+
+
+@pytest.mark.parametrize("offset", [1, 2, 4, 8, 12])
+@pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 128), (torch.float16, 36), (torch.bfloat16, 13),
+                                            (torch.float32, 7), (torch.uint8, 656)])
+def test_odd_alignments(offset, dtype, head_dim, generator):
+    """Chunk addresses and row sizes that are not multiples of 16 fall back to narrower vectors, still exact."""
+    src = gpu_cache("vllm_flash_attn_hnd", generator, dtype=dtype, head_dim=head_dim, num_heads=3)
+    dst = gpu_cache("sglang_mha", generator, dtype=dtype, head_dim=head_dim, num_heads=3, block_size=8)
+    ids = random_blocks(src.layout, 77, generator)
+    pack_both_ways(src.layout, ids, 77, generator, offset=offset, heads=(1, 3))
+    roundtrip(src, dst, 77, generator, backend="cuda", chunk_offset=offset, src_heads=(1, 3), dst_heads=(0, 2))
+
+
+@pytest.mark.parametrize("src_heads,dst_heads", [((0, 1), (3, 4)), ((2, 6), (0, 4)), ((0, 8), (0, 8))])
+@pytest.mark.parametrize("src_preset", ["vllm_flashinfer_nhd", "flashinfer_hnd", "vllm_2026_lhnbc"])
+def test_head_ranges_and_partial_boxes(src_preset, src_heads, dst_heads, generator):
+    src = gpu_cache(src_preset, generator, num_heads=8, block_size=16)
+    dst = gpu_cache("vllm_flash_attn_nhd", generator, num_heads=8, block_size=64)
+    roundtrip(src, dst, 200, generator, backend="cuda", src_heads=src_heads, dst_heads=dst_heads,
+              layers=(1, 3), tokens=(17, 190))
+
+
+@pytest.mark.parametrize("num_blocks", [1, 4096])
+def test_one_block_and_many_thousands(num_blocks, generator):
+    src = gpu_cache("vllm_flash_attn_nhd", generator, num_layers=4, num_blocks=4100, num_heads=2)
+    dst = gpu_cache("vllm_2026", generator, num_layers=4, num_blocks=4100, num_heads=2)
+    roundtrip(src, dst, (num_blocks - 1) * 16 + 9, generator, backend="cuda")
+
+
+@pytest.mark.parametrize("max_ctas", [1, 3, 64])
+def test_small_grids_still_cover_everything(max_ctas, generator):
+    """The SM budget (max_ctas) only changes speed: grid-stride loops cover every byte."""
+    src = gpu_cache("tensorrt_llm", generator)
+    dst = gpu_cache("flashinfer_split_nhd", generator)
+    num_tokens = 16 * 9 + 1
+    pack_both_ways(src.layout, random_blocks(src.layout, num_tokens, generator), num_tokens, generator)
+    roundtrip(src, dst, num_tokens, generator, backend="cuda", max_ctas=max_ctas)
+
+
+def test_mismatched_header_writes_nothing(generator):
+    src = gpu_cache("vllm_flashinfer_nhd", generator)
+    dst = gpu_cache("vllm_flashinfer_nhd", generator)
+    chunk = torch.empty(kvlink.packed_nbytes(src.layout, 40), dtype=torch.uint8, device="cuda")
+    kvlink.pack(src.layout, [0, 1, 2], 40, chunk, backend="cuda")
+    before = snapshot(dst.preset, dst.engine)
+    corrupt = chunk.clone()
+    corrupt[9 * 4] ^= 1  # head_dim word
+    status = kvlink.unpack(dst.layout, [5, 6, 7], 40, corrupt, backend="cuda")
+    with pytest.raises(kvlink.ChunkError):
+        kvlink.check_status(status)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(dst.preset, dst.engine), before))
+    # the head-range words are not checked: a receiver places heads where it wants them
+    ok = chunk.clone()
+    ok[7 * 4] ^= 1
+    kvlink.check_status(kvlink.unpack(dst.layout, [5, 6, 7], 40, ok, backend="cuda"))
+
+
+def test_runs_on_the_callers_stream_without_sync(generator):
+    src = gpu_cache("vllm_flash_attn_nhd", generator)
+    dst = gpu_cache("vllm_flashinfer_hnd", generator)
+    chunk = torch.empty(kvlink.packed_nbytes(src.layout, 64), dtype=torch.uint8, device="cuda")
+    kvlink.pack(src.layout, [1, 2, 3, 4], 64, chunk, backend="cuda")  # first use: compile, upload tables
+    kvlink.unpack(dst.layout, [9, 8, 7, 6], 64, chunk, backend="cuda")
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    gate = torch.cuda.Event()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # hold the side stream busy; a hidden sync would wait for it
+        gate.record(side)
+    kvlink.pack(src.layout, [1, 2, 3, 4], 64, chunk, stream=side, backend="cuda")
+    status = kvlink.unpack(dst.layout, [9, 8, 7, 6], 64, chunk, stream=side, backend="cuda")
+    assert not gate.query(), "pack/unpack waited for the stream: a hidden synchronize"
+    side.synchronize()
+    kvlink.check_status(status)
+    for layer in range(src.layout.num_layers):
+        got = src.engine[layer][0, 2, 5]  # K of request token 21: source block 2 (slot 1), offset 5
+        want = dst.engine[layer][8, 0, :, 5]  # destination block 8 (slot 1), K, HND [H, N, D], offset 5
+        assert torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8))
