@@ -12,7 +12,10 @@ python3 -m kvlink.compile_check sm_90 > "$out/compile.log" 2>&1 || status=1
 python3 -m pytest -q -p no:cacheprovider tests/ > "$out/tests.log" 2>&1 || status=1
 tail -n 3 "$out/tests.log"
 KVLINK_BENCH_JSON="$out/bench.json" python3 -m pytest -q -s -p no:cacheprovider benchmarks/ > "$out/bench.log" 2>&1 || status=1
-for variant in "${KVLINK_TUNE_VARIANTS[@]:-}"; do
+# KVLINK_TUNE_VARIANTS: ';'-separated env settings to re-run the W1 benchmarks under, e.g.
+# "KVLINK_NVRTC_OPTIONS=-DKVLINK_UNROLL=8;KVLINK_CTAS_PER_SM=4"
+IFS=';' read -r -a variants <<< "${KVLINK_TUNE_VARIANTS:-}"
+for variant in "${variants[@]}"; do
   [ -n "$variant" ] || continue
   echo "== variant: $variant" >> "$out/tune.log"
   env $variant python3 -m pytest -q -s -p no:cacheprovider benchmarks/ -k "copy or kvlink" >> "$out/tune.log" 2>&1 || status=1
