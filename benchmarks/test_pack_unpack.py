@@ -68,7 +68,7 @@ def run_timed(benchmark, fn, iters=ITERS):
 
 def test_device_to_device_copy(benchmark, record, w1):
     """The ceiling: one contiguous copy of the request's bytes."""
-    src = w1.src_engine[0].view(-1).view(torch.uint8)[: w1.payload_bytes]
+    src = torch.empty(w1.payload_bytes, dtype=torch.uint8, device="cuda").random_(0, 256)
     dst = torch.empty_like(src)
     timing = run_timed(benchmark, lambda: dst.copy_(src))
     assert torch.equal(dst, src)
@@ -78,12 +78,12 @@ def test_device_to_device_copy(benchmark, record, w1):
 def test_torch_index_select_per_layer(benchmark, record, w1):
     """The baseline: one index_select launch per layer gathering the request's blocks."""
     idx = w1.src_ids.cuda()
-    out = w1.chunk[kvlink.HEADER_BYTES:].view(LAYERS, 2, REQUEST_BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM * 2)
-    byte_layers = [t.view(torch.uint8) for t in w1.src_engine]
+    # the payload order for whole blocks is exactly index_select's output order: [layer][kv][block][token][head][dim]
+    out = w1.chunk[kvlink.HEADER_BYTES:].view(torch.bfloat16).view(LAYERS, 2, REQUEST_BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM)
 
     def gather():
         for layer in range(LAYERS):
-            torch.index_select(byte_layers[layer], 1, idx, out=out[layer])
+            torch.index_select(w1.src_engine[layer], 1, idx, out=out[layer])
 
     timing = run_timed(benchmark, gather)
     expected = torch.empty_like(w1.chunk)

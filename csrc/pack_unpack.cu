@@ -44,6 +44,8 @@ struct Geometry {
     u32 token_start;       // first selected token of the request
     u32 head_start;        // first selected head in this cache
     u32 check_mask;        // unpack: header words (bit i = word i) that must match
+    u32 tiles_per_plane, tpp_mul, tpp_shift;  // a tile is THREADS * UNROLL vectors of one plane
+    u32 num_tiles;         // num_planes * tiles_per_plane (< 2^31)
 };
 
 // Byte offset inside a plane of vector j of the selected box.
@@ -68,14 +70,36 @@ __device__ __forceinline__ i64 cache_offset(const Geometry& g, const int* __rest
 #ifndef KVLINK_UNROLL
 #define KVLINK_UNROLL 4
 #endif
+// 1: streaming cache hints (evict-first) on the copies: every byte is touched once.
+#ifndef KVLINK_CACHE_HINTS
+#define KVLINK_CACHE_HINTS 0
+#endif
 constexpr int THREADS = KVLINK_THREADS;
 constexpr int UNROLL = KVLINK_UNROLL;
 constexpr int HEADER_BYTES = 64;
 
+template <typename V> __device__ __forceinline__ V load(const V* p) {
+#if KVLINK_CACHE_HINTS
+    return __ldcs(p);
+#else
+    return *p;
+#endif
+}
+template <typename V> __device__ __forceinline__ void store(V* p, V v) {
+#if KVLINK_CACHE_HINTS
+    __stcs(p, v);
+#else
+    *p = v;
+#endif
+}
+
 // Copies the 64-byte header byte by byte, so any chunk alignment works.
 __device__ __forceinline__ void write_header(unsigned char* chunk, const unsigned char* header) {
-    if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x < HEADER_BYTES) chunk[threadIdx.x] = header[threadIdx.x];
+    if (blockIdx.x == 0 && threadIdx.x < HEADER_BYTES) chunk[threadIdx.x] = header[threadIdx.x];
 }
+
+// Work is a flat list of tiles (plane-major), so thread blocks stay balanced whatever the grid:
+// one tile per block by default, or a grid-stride loop under an SM budget (max_ctas).
 
 template <int VEC>
 __global__ void __launch_bounds__(THREADS) kvlink_pack(
@@ -85,24 +109,23 @@ __global__ void __launch_bounds__(THREADS) kvlink_pack(
     const int* block_ids = reinterpret_cast<const int*>(meta + META_BLOCK_IDS_OFFSET);
     write_header(chunk, meta + META_HEADER_OFFSET);
     unsigned char* payload = chunk + HEADER_BYTES;
-    const u32 step = gridDim.x * THREADS * UNROLL;
-    for (u32 p = blockIdx.y; p < g.num_planes; p += gridDim.y) {
+    for (u32 tile = blockIdx.x; tile < g.num_tiles; tile += gridDim.x) {
+        const u32 p = fast_div(tile, g.tpp_mul, g.tpp_shift);
+        const u32 base = (tile - p * g.tiles_per_plane) * (THREADS * UNROLL) + threadIdx.x;
         const unsigned char* plane = reinterpret_cast<const unsigned char*>(plane_ptrs[p]);
         V* out = reinterpret_cast<V*>(payload + (u64)p * g.plane_bytes);
-        for (u32 base = blockIdx.x * THREADS * UNROLL + threadIdx.x; base < g.vecs_per_plane; base += step) {
-            V tmp[UNROLL];
-            // NOTE: all loads before any store, so UNROLL independent loads are in flight per thread.
+        V tmp[UNROLL];
+        // NOTE: all loads before any store, so UNROLL independent loads are in flight per thread.
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
-                u32 j = base + u * THREADS;
-                if (j < g.vecs_per_plane)
-                    tmp[u] = *reinterpret_cast<const V*>(plane + cache_offset(g, block_ids, j, VEC));
-            }
+        for (int u = 0; u < UNROLL; ++u) {
+            u32 j = base + u * THREADS;
+            if (j < g.vecs_per_plane)
+                tmp[u] = load(reinterpret_cast<const V*>(plane + cache_offset(g, block_ids, j, VEC)));
+        }
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
-                u32 j = base + u * THREADS;
-                if (j < g.vecs_per_plane) out[j] = tmp[u];
-            }
+        for (int u = 0; u < UNROLL; ++u) {
+            u32 j = base + u * THREADS;
+            if (j < g.vecs_per_plane) store(out + j, tmp[u]);
         }
     }
 }
@@ -125,24 +148,22 @@ __global__ void __launch_bounds__(THREADS) kvlink_unpack(
         if (threadIdx.x == 0) atomicExch(status, 1);
         return;
     }
-    const V* in = reinterpret_cast<const V*>(chunk + HEADER_BYTES);
-    const u32 step = gridDim.x * THREADS * UNROLL;
-    for (u32 p = blockIdx.y; p < g.num_planes; p += gridDim.y) {
+    const unsigned char* payload = chunk + HEADER_BYTES;
+    for (u32 tile = blockIdx.x; tile < g.num_tiles; tile += gridDim.x) {
+        const u32 p = fast_div(tile, g.tpp_mul, g.tpp_shift);
+        const u32 base = (tile - p * g.tiles_per_plane) * (THREADS * UNROLL) + threadIdx.x;
         unsigned char* plane = reinterpret_cast<unsigned char*>(plane_ptrs[p]);
-        const V* src = reinterpret_cast<const V*>(reinterpret_cast<const unsigned char*>(in) + (u64)p * g.plane_bytes);
-        for (u32 base = blockIdx.x * THREADS * UNROLL + threadIdx.x; base < g.vecs_per_plane; base += step) {
-            V tmp[UNROLL];
+        const V* in = reinterpret_cast<const V*>(payload + (u64)p * g.plane_bytes);
+        V tmp[UNROLL];
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
-                u32 j = base + u * THREADS;
-                if (j < g.vecs_per_plane) tmp[u] = src[j];
-            }
+        for (int u = 0; u < UNROLL; ++u) {
+            u32 j = base + u * THREADS;
+            if (j < g.vecs_per_plane) tmp[u] = load(in + j);
+        }
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
-                u32 j = base + u * THREADS;
-                if (j < g.vecs_per_plane)
-                    *reinterpret_cast<V*>(plane + cache_offset(g, block_ids, j, VEC)) = tmp[u];
-            }
+        for (int u = 0; u < UNROLL; ++u) {
+            u32 j = base + u * THREADS;
+            if (j < g.vecs_per_plane) store(reinterpret_cast<V*>(plane + cache_offset(g, block_ids, j, VEC)), tmp[u]);
         }
     }
 }

@@ -25,8 +25,9 @@ EXTRA_OPTIONS = tuple(os.environ.get("KVLINK_NVRTC_OPTIONS", "").split())
 _defines = dict(re.findall(r"-DKVLINK_(THREADS|UNROLL)=(\d+)", " ".join(EXTRA_OPTIONS)))
 THREADS = int(_defines.get("THREADS", 256))
 UNROLL = int(_defines.get("UNROLL", 4))
-# Thread blocks per SM when the caller sets no max_ctas (KVLINK_CTAS_PER_SM overrides).
-CTAS_PER_SM = int(os.environ.get("KVLINK_CTAS_PER_SM", "8"))
+# Without max_ctas, launch one thread block per tile (0), or cap the grid at this many blocks
+# per SM (KVLINK_CTAS_PER_SM, for tuning).
+CTAS_PER_SM = int(os.environ.get("KVLINK_CTAS_PER_SM", "0"))
 VEC_WIDTHS = (16, 8, 4, 2, 1)
 META_HEADER_OFFSET = 128
 META_BLOCK_IDS_OFFSET = 192
@@ -40,6 +41,7 @@ GEOMETRY_DTYPE = np.dtype([
     ("heads_per_token", "<u4"), ("hpt_mul", "<u4"), ("hpt_shift", "<u4"),
     ("tokens_per_block", "<u4"), ("tpb_mul", "<u4"), ("tpb_shift", "<u4"),
     ("token_start", "<u4"), ("head_start", "<u4"), ("check_mask", "<u4"),
+    ("tiles_per_plane", "<u4"), ("tpp_mul", "<u4"), ("tpp_shift", "<u4"), ("num_tiles", "<u4"),
 ])
 assert GEOMETRY_DTYPE.itemsize <= META_HEADER_OFFSET
 
@@ -130,8 +132,12 @@ def _geometry(sel: Selection, chunk_ptr: int) -> tuple[np.ndarray, int]:
             f"one plane of this chunk is {sel.plane_bytes} bytes in {vec}-byte vectors, over the kernel's 2**31 "
             "vectors; split the request into several chunks (tokens=...)"
         )
+    tiles_per_plane = -(-vecs_per_plane // (THREADS * UNROLL))
+    if tiles_per_plane * sel.num_planes >= 2**31:
+        raise ValueError(f"chunk of {sel.payload_bytes} bytes has too many tiles for one launch; split it (tokens=...)")
     geometry = np.zeros((), dtype=GEOMETRY_DTYPE)
     values = dict(
+        tiles_per_plane=tiles_per_plane, num_tiles=tiles_per_plane * sel.num_planes,
         block_stride=layout.block_stride, token_stride=layout.token_stride, head_stride=layout.head_stride,
         plane_bytes=sel.plane_bytes, num_planes=sel.num_planes, vecs_per_plane=vecs_per_plane,
         vecs_per_row=vecs_per_row, heads_per_token=heads_per_token, tokens_per_block=layout.block_size,
@@ -139,7 +145,8 @@ def _geometry(sel: Selection, chunk_ptr: int) -> tuple[np.ndarray, int]:
     )
     for field, value in values.items():
         geometry[field] = value
-    for prefix, divisor in (("vpr", vecs_per_row), ("hpt", heads_per_token), ("tpb", layout.block_size)):
+    for prefix, divisor in (("vpr", vecs_per_row), ("hpt", heads_per_token), ("tpb", layout.block_size),
+                            ("tpp", tiles_per_plane)):
         geometry[f"{prefix}_mul"], geometry[f"{prefix}_shift"] = fast_divisor(divisor)
     return geometry, vec
 
@@ -160,12 +167,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _grid(sel: Selection, vecs_per_plane: int, max_ctas: int | None) -> tuple[int, int]:
+def _grid(sel: Selection, num_tiles: int, max_ctas: int | None) -> int:
+    """One thread block per tile, or at most ``max_ctas`` blocks looping over the tiles."""
     if max_ctas is None:
-        max_ctas = CTAS_PER_SM * _sm_count(sel.layout.device.index)
-    planes = min(sel.num_planes, 65535, max(1, max_ctas))
-    per_plane = -(-vecs_per_plane // (THREADS * UNROLL))
-    return max(1, min(per_plane, max_ctas // planes)), planes
+        max_ctas = CTAS_PER_SM * _sm_count(sel.layout.device.index) if CTAS_PER_SM > 0 else num_tiles
+    return max(1, min(num_tiles, max_ctas))
 
 
 def launch(kind: str, sel: Selection, chunk: torch.Tensor, stream: torch.cuda.Stream,
@@ -178,7 +184,7 @@ def launch(kind: str, sel: Selection, chunk: torch.Tensor, stream: torch.cuda.St
     meta = _upload_metadata(sel, geometry, ChunkHeader.for_selection(sel), stream)
     table = _plane_table(sel)
     planes_ptr = table.data_ptr() + 8 * sel.first_plane
-    grid = _grid(sel, int(geometry["vecs_per_plane"]), max_ctas)
+    grid = (_grid(sel, int(geometry["num_tiles"]), max_ctas),)
     kernel = _kernel(device_index, kind, vec)
     args = [np.uint64(meta.data_ptr()), np.uint64(planes_ptr), np.uint64(chunk.data_ptr())]
     if kind == "unpack":
