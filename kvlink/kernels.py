@@ -99,18 +99,32 @@ def _kernel(device_index: int, kind: str, vec: int):
     return _module(device_index).get_function(f"kvlink_{kind}<{vec}>")
 
 
-def _plane_table(sel: Selection) -> torch.Tensor:
-    """The layout's plane base addresses on its device, uploaded once per layout."""
+META_STATUS_OFFSET = 124  # int32 status word the unpack kernel sets when it refuses a chunk
+assert GEOMETRY_DTYPE.itemsize <= META_STATUS_OFFSET
+
+
+def _layout_cache(sel: Selection) -> dict:
+    """Per-layout facts the launch path needs every call, computed once (frozen dataclass: stored out of band)."""
     layout = sel.layout
-    table = layout.__dict__.get("_plane_table")
-    if table is None:
-        table = torch.tensor(layout.plane_ptrs(), dtype=torch.int64).to(layout.device)
-        object.__setattr__(layout, "_plane_table", table)  # frozen dataclass: cache out of band
-    return table
+    cache = layout.__dict__.get("_kernel_cache")
+    if cache is None:
+        ptrs = layout.plane_ptrs()
+        cache = {
+            # plane base addresses on the device, uploaded once per layout
+            "table": torch.tensor(ptrs, dtype=torch.int64).to(layout.device),
+            "ptrs": ptrs,
+            "strides_gcd": functools.reduce(math.gcd, [layout.block_stride, layout.token_stride, layout.head_stride]),
+            "fingerprint": layout.fingerprint,
+        }
+        object.__setattr__(layout, "_kernel_cache", cache)
+    return cache
 
 
-def _geometry(sel: Selection, chunk_ptr: int) -> tuple[np.ndarray, int]:
-    """The Geometry record and the vector width for this selection and chunk address."""
+fast_divisor = functools.lru_cache(maxsize=4096)(fast_divisor)
+
+
+def _geometry(sel: Selection, chunk_ptr: int, cache: dict) -> tuple[bytes, int, int]:
+    """The Geometry record's bytes, the vector width and the number of tiles for this launch."""
     layout = sel.layout
     heads = sel.num_selected_heads
     row_bytes = layout.row_bytes
@@ -120,10 +134,9 @@ def _geometry(sel: Selection, chunk_ptr: int) -> tuple[np.ndarray, int]:
     if layout.head_stride == row_bytes or heads == 1:
         row_bytes *= heads
         heads_per_token = 1
-    payload_ptr = chunk_ptr + 64
-    alignment_terms = [row_bytes, payload_ptr, sel.plane_bytes, layout.block_stride, layout.token_stride,
-                       layout.head_stride, *layout.plane_ptrs()[sel.first_plane: sel.first_plane + sel.num_planes]]
-    alignment = functools.reduce(math.gcd, alignment_terms)
+    planes = cache["ptrs"][sel.first_plane: sel.first_plane + sel.num_planes]
+    alignment = functools.reduce(math.gcd, planes, math.gcd(row_bytes, chunk_ptr + 64, sel.plane_bytes,
+                                                           cache["strides_gcd"]))
     vec = next(w for w in VEC_WIDTHS if alignment % w == 0)
     vecs_per_row = row_bytes // vec
     vecs_per_plane = sel.num_selected_tokens * heads_per_token * vecs_per_row
@@ -133,33 +146,32 @@ def _geometry(sel: Selection, chunk_ptr: int) -> tuple[np.ndarray, int]:
             "vectors; split the request into several chunks (tokens=...)"
         )
     tiles_per_plane = -(-vecs_per_plane // (THREADS * UNROLL))
-    if tiles_per_plane * sel.num_planes >= 2**31:
+    num_tiles = tiles_per_plane * sel.num_planes
+    if num_tiles >= 2**31:
         raise ValueError(f"chunk of {sel.payload_bytes} bytes has too many tiles for one launch; split it (tokens=...)")
-    geometry = np.zeros((), dtype=GEOMETRY_DTYPE)
-    values = dict(
-        tiles_per_plane=tiles_per_plane, num_tiles=tiles_per_plane * sel.num_planes,
-        block_stride=layout.block_stride, token_stride=layout.token_stride, head_stride=layout.head_stride,
-        plane_bytes=sel.plane_bytes, num_planes=sel.num_planes, vecs_per_plane=vecs_per_plane,
-        vecs_per_row=vecs_per_row, heads_per_token=heads_per_token, tokens_per_block=layout.block_size,
-        token_start=sel.token_start, head_start=sel.head_start, check_mask=HEADER_CHECK_MASK,
+    # field order of GEOMETRY_DTYPE
+    record = (
+        layout.block_stride, layout.token_stride, layout.head_stride, sel.plane_bytes,
+        sel.num_planes, vecs_per_plane,
+        vecs_per_row, *fast_divisor(vecs_per_row),
+        heads_per_token, *fast_divisor(heads_per_token),
+        layout.block_size, *fast_divisor(layout.block_size),
+        sel.token_start, sel.head_start, HEADER_CHECK_MASK,
+        tiles_per_plane, *fast_divisor(tiles_per_plane), num_tiles,
     )
-    for field, value in values.items():
-        geometry[field] = value
-    for prefix, divisor in (("vpr", vecs_per_row), ("hpt", heads_per_token), ("tpb", layout.block_size),
-                            ("tpp", tiles_per_plane)):
-        geometry[f"{prefix}_mul"], geometry[f"{prefix}_shift"] = fast_divisor(divisor)
-    return geometry, vec
+    return np.array(record, dtype=GEOMETRY_DTYPE).tobytes(), vec, num_tiles
 
 
-def _upload_metadata(sel: Selection, geometry: np.ndarray, header: ChunkHeader, stream) -> torch.Tensor:
-    meta = np.zeros(META_BLOCK_IDS_OFFSET + 4 * sel.block_ids.size, dtype=np.uint8)
-    meta[: GEOMETRY_DTYPE.itemsize] = np.frombuffer(geometry.tobytes(), dtype=np.uint8)
-    meta[META_HEADER_OFFSET:META_BLOCK_IDS_OFFSET] = np.frombuffer(header.to_bytes(), dtype=np.uint8)
-    meta[META_BLOCK_IDS_OFFSET:] = np.frombuffer(sel.block_ids.astype("<i4").tobytes(), dtype=np.uint8)
+def _upload_metadata(sel: Selection, geometry: bytes, header: bytes, stream) -> torch.Tensor:
+    """[Geometry | status | header | block ids] in one pinned buffer, copied to the device on ``stream``."""
+    meta = bytearray(META_BLOCK_IDS_OFFSET + 4 * sel.block_ids.size)
+    meta[: len(geometry)] = geometry
+    meta[META_HEADER_OFFSET:META_BLOCK_IDS_OFFSET] = header
+    meta[META_BLOCK_IDS_OFFSET:] = sel.block_ids.astype("<i4", copy=False).tobytes()
     # Pinned staging + non_blocking copy on the launch stream: no host-device sync. torch's
     # caching host allocator keeps the pinned block until the copy has run.
     with torch.cuda.stream(stream):
-        return torch.from_numpy(meta).pin_memory().to(sel.layout.device, non_blocking=True)
+        return torch.frombuffer(meta, dtype=torch.uint8).pin_memory().to(sel.layout.device, non_blocking=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -174,23 +186,47 @@ def _grid(sel: Selection, num_tiles: int, max_ctas: int | None) -> int:
     return max(1, min(num_tiles, max_ctas))
 
 
-def launch(kind: str, sel: Selection, chunk: torch.Tensor, stream: torch.cuda.Stream,
-           *, status: torch.Tensor | None = None, max_ctas: int | None = None) -> None:
-    """Launch ``kvlink_pack`` or ``kvlink_unpack`` for a validated selection on ``stream``."""
+_CUPY_STREAMS: dict[tuple[int, int], object] = {}
+
+
+def _cupy_stream(stream: torch.cuda.Stream, device_index: int):
+    """A CuPy handle on the torch stream, made once per stream."""
+    key = (device_index, stream.cuda_stream)
+    handle = _CUPY_STREAMS.get(key)
+    if handle is None:
+        import cupy
+
+        if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
+            handle = cupy.cuda.Stream.from_external(stream)
+        else:
+            handle = cupy.cuda.ExternalStream(stream.cuda_stream, device_index)
+        _CUPY_STREAMS[key] = handle
+    return handle
+
+
+def launch(kind: str, sel: Selection, chunk: torch.Tensor, stream: torch.cuda.Stream, header: bytes,
+           *, status: torch.Tensor | None = None, max_ctas: int | None = None) -> torch.Tensor | None:
+    """Launch ``kvlink_pack`` or ``kvlink_unpack`` for a validated selection on ``stream``.
+
+    For unpack, returns the int32 status word (``status`` if given, else one inside the
+    launch's metadata, zeroed at upload).
+    """
     import cupy
 
-    device_index = sel.layout.device.index if sel.layout.device.index is not None else torch.cuda.current_device()
-    geometry, vec = _geometry(sel, chunk.data_ptr())
-    meta = _upload_metadata(sel, geometry, ChunkHeader.for_selection(sel), stream)
-    table = _plane_table(sel)
-    planes_ptr = table.data_ptr() + 8 * sel.first_plane
-    grid = (_grid(sel, int(geometry["num_tiles"]), max_ctas),)
+    device_index = sel.layout.device.index
+    cache = _layout_cache(sel)
+    geometry, vec, num_tiles = _geometry(sel, chunk.data_ptr(), cache)
+    meta = _upload_metadata(sel, geometry, header, stream)
+    planes_ptr = cache["table"].data_ptr() + 8 * sel.first_plane
     kernel = _kernel(device_index, kind, vec)
     args = [np.uint64(meta.data_ptr()), np.uint64(planes_ptr), np.uint64(chunk.data_ptr())]
     if kind == "unpack":
+        if status is None:
+            status = meta[META_STATUS_OFFSET: META_STATUS_OFFSET + 4].view(torch.int32)
         args.append(np.uint64(status.data_ptr()))
-    with cupy.cuda.Device(device_index), cupy.cuda.ExternalStream(stream.cuda_stream, device_index):
-        kernel(grid, (THREADS,), tuple(args))
-    # NOTE: ``meta`` is freed on return while the kernel may still read it: safe, because it was
+    with cupy.cuda.Device(device_index), _cupy_stream(stream, device_index):
+        kernel((_grid(sel, num_tiles, max_ctas),), (THREADS,), tuple(args))
+    # NOTE: ``meta`` may be freed on return while the kernel still reads it: safe, because it was
     # allocated on ``stream`` and torch's caching allocator reuses it only for work queued later
-    # on that stream.
+    # on that stream. The status view keeps it alive for the caller.
+    return status

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -171,7 +172,7 @@ class CacheLayout:
     def plane_ptrs(self) -> list[int]:
         return [plane.data_ptr() for plane in self.planes]
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """Identifies what must match between two sides to exchange packed chunks.
 

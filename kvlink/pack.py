@@ -108,14 +108,15 @@ def pack(
     _check_chunk("chunk", chunk, sel)
     backend = _resolve_backend(layout, backend)
     stream = _resolve_stream(layout, stream)
+    header = ChunkHeader.for_selection(sel)
     if backend == "cuda":
-        kernels.launch("pack", sel, chunk, stream, max_ctas=max_ctas)
+        kernels.launch("pack", sel, chunk, stream, header.to_bytes(), max_ctas=max_ctas)
     elif stream is not None:
         with torch.cuda.stream(stream):
             reference.pack_reference(sel, chunk)
     else:
         reference.pack_reference(sel, chunk)
-    return ChunkHeader.for_selection(sel)
+    return header
 
 
 def unpack(
@@ -153,11 +154,8 @@ def unpack(
         if status.device != layout.device:
             raise ValueError(f"status is on {status.device} but the cache is on {layout.device}")
     if backend == "cuda":
-        if status is None:
-            with torch.cuda.stream(stream):
-                status = torch.zeros(1, dtype=torch.int32, device=layout.device)
-        kernels.launch("unpack", sel, chunk, stream, status=status, max_ctas=max_ctas)
-        return status
+        header = ChunkHeader.for_selection(sel).to_bytes()
+        return kernels.launch("unpack", sel, chunk, stream, header, status=status, max_ctas=max_ctas)
     if status is None:
         status = torch.zeros(1, dtype=torch.int32, device=layout.device)
     if stream is not None:
