@@ -11,7 +11,7 @@ python3 -c "import torch, cupy; print('torch', torch.__version__, 'cupy', cupy._
 python3 -m kvlink.compile_check sm_90 > "$out/compile.log" 2>&1 || status=1
 python3 -m pytest -q -p no:cacheprovider tests/ > "$out/tests.log" 2>&1 || status=1
 tail -n 3 "$out/tests.log"
-python3 benchmarks/profile_host.py > "$out/profile.log" 2>&1 || status=1
+PYTHONPATH=. python3 benchmarks/profile_host.py > "$out/profile.log" 2>&1 || status=1
 grep "host time per" "$out/profile.log"
 KVLINK_BENCH_JSON="$out/bench.json" python3 -m pytest -q -s -p no:cacheprovider benchmarks/ > "$out/bench.log" 2>&1 || status=1
 # KVLINK_TUNE_VARIANTS: ';'-separated env settings to re-run the W1 benchmarks under, e.g.

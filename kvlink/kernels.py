@@ -95,6 +95,7 @@ def _module(device_index: int):
     return module
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel(device_index: int, kind: str, vec: int):
     return _module(device_index).get_function(f"kvlink_{kind}<{vec}>")
 
