@@ -46,6 +46,8 @@ struct Geometry {
     u32 check_mask;        // unpack: header words (bit i = word i) that must match
     u32 tiles_per_plane, tpp_mul, tpp_shift;  // a tile is THREADS * UNROLL vectors of one plane
     u32 num_tiles;         // num_planes * tiles_per_plane (< 2^31)
+    u32 status_overwrite;  // unpack: 1 = the status word is this launch's own (write 0 or 1),
+                           // 0 = the caller's, shared by several chunks (only ever set it to 1)
 };
 
 // Byte offset inside a plane of vector j of the selected box.
@@ -132,7 +134,8 @@ __global__ void __launch_bounds__(THREADS) kvlink_pack(
 
 // Refuses the whole chunk (writes nothing, sets *status = 1) when its header differs from the
 // expected one (in the metadata) in any word selected by check_mask. Every thread block checks
-// for itself, so no block writes before knowing the chunk is good.
+// for itself, so no block writes before knowing the chunk is good; a refused chunk is refused by
+// every block alike.
 template <int VEC>
 __global__ void __launch_bounds__(THREADS) kvlink_unpack(
     const unsigned char* __restrict__ meta, const u64* __restrict__ plane_ptrs,
@@ -144,10 +147,9 @@ __global__ void __launch_bounds__(THREADS) kvlink_unpack(
     int mismatch = 0;
     if (threadIdx.x < HEADER_BYTES && ((g.check_mask >> (threadIdx.x / 4)) & 1u))
         mismatch = chunk[threadIdx.x] != expected_header[threadIdx.x];
-    if (__syncthreads_or(mismatch)) {
-        if (threadIdx.x == 0) atomicExch(status, 1);
-        return;
-    }
+    const int refused = __syncthreads_or(mismatch);
+    if (threadIdx.x == 0 && (refused || (g.status_overwrite && blockIdx.x == 0))) atomicExch(status, refused);
+    if (refused) return;
     const unsigned char* payload = chunk + HEADER_BYTES;
     for (u32 tile = blockIdx.x; tile < g.num_tiles; tile += gridDim.x) {
         const u32 p = fast_div(tile, g.tpp_mul, g.tpp_shift);

@@ -42,6 +42,7 @@ GEOMETRY_DTYPE = np.dtype([
     ("tokens_per_block", "<u4"), ("tpb_mul", "<u4"), ("tpb_shift", "<u4"),
     ("token_start", "<u4"), ("head_start", "<u4"), ("check_mask", "<u4"),
     ("tiles_per_plane", "<u4"), ("tpp_mul", "<u4"), ("tpp_shift", "<u4"), ("num_tiles", "<u4"),
+    ("status_overwrite", "<u4"),
 ])
 assert GEOMETRY_DTYPE.itemsize <= META_HEADER_OFFSET
 
@@ -100,10 +101,6 @@ def _kernel(device_index: int, kind: str, vec: int):
     return _module(device_index).get_function(f"kvlink_{kind}<{vec}>")
 
 
-META_STATUS_OFFSET = 124  # int32 status word the unpack kernel sets when it refuses a chunk
-assert GEOMETRY_DTYPE.itemsize <= META_STATUS_OFFSET
-
-
 def _layout_cache(sel: Selection) -> dict:
     """Per-layout facts the launch path needs every call, computed once (frozen dataclass: stored out of band)."""
     layout = sel.layout
@@ -124,7 +121,7 @@ def _layout_cache(sel: Selection) -> dict:
 fast_divisor = functools.lru_cache(maxsize=4096)(fast_divisor)
 
 
-def _geometry(sel: Selection, chunk_ptr: int, cache: dict) -> tuple[bytes, int, int]:
+def _geometry(sel: Selection, chunk_ptr: int, cache: dict, status_overwrite: bool) -> tuple[bytes, int, int]:
     """The Geometry record's bytes, the vector width and the number of tiles for this launch."""
     layout = sel.layout
     heads = sel.num_selected_heads
@@ -158,21 +155,71 @@ def _geometry(sel: Selection, chunk_ptr: int, cache: dict) -> tuple[bytes, int, 
         heads_per_token, *fast_divisor(heads_per_token),
         layout.block_size, *fast_divisor(layout.block_size),
         sel.token_start, sel.head_start, HEADER_CHECK_MASK,
-        tiles_per_plane, *fast_divisor(tiles_per_plane), num_tiles,
+        tiles_per_plane, *fast_divisor(tiles_per_plane), num_tiles, int(status_overwrite),
     )
     return np.array(record, dtype=GEOMETRY_DTYPE).tobytes(), vec, num_tiles
 
 
-def _upload_metadata(sel: Selection, geometry: bytes, header: bytes, stream) -> torch.Tensor:
-    """[Geometry | status | header | block ids] in one pinned buffer, copied to the device on ``stream``."""
-    meta = bytearray(META_BLOCK_IDS_OFFSET + 4 * sel.block_ids.size)
-    meta[: len(geometry)] = geometry
-    meta[META_HEADER_OFFSET:META_BLOCK_IDS_OFFSET] = header
-    meta[META_BLOCK_IDS_OFFSET:] = sel.block_ids.astype("<i4", copy=False).tobytes()
-    # Pinned staging + non_blocking copy on the launch stream: no host-device sync. torch's
-    # caching host allocator keeps the pinned block until the copy has run.
+class _MetadataRing:
+    """Pinned host and device slots for per-launch metadata, one ring per (device, stream).
+
+    A launch copies its metadata into the next free slot and issues one async host-to-device
+    copy; an event per slot says when the host side may be rewritten. The device side needs no
+    event: the ring belongs to one stream, so a later copy into a slot runs after the kernel that
+    read it. A busy slot or oversized metadata falls back to a fresh pinned buffer: a launch
+    never waits.
+    """
+
+    SLOT_BYTES = 4096  # fits 976 block ids
+    NUM_SLOTS = 128
+
+    def __init__(self, device_index: int):
+        total = self.SLOT_BYTES * self.NUM_SLOTS
+        self.host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+        self.host_view = memoryview(self.host.numpy())
+        self.device = torch.empty(total, dtype=torch.uint8, device=device_index)
+        self.events = [None] * self.NUM_SLOTS
+        self.next_slot = 0
+
+    def upload(self, meta: bytes, stream: torch.cuda.Stream) -> int | None:
+        """Device address of ``meta`` once the queued copy runs, or None if no slot is free."""
+        slot = self.next_slot
+        event = self.events[slot]
+        if len(meta) > self.SLOT_BYTES or (event is not None and not event.query()):
+            return None
+        self.next_slot = (slot + 1) % self.NUM_SLOTS
+        offset = slot * self.SLOT_BYTES
+        self.host_view[offset: offset + len(meta)] = meta
+        import cupy
+
+        cupy.cuda.runtime.memcpyAsync(self.device.data_ptr() + offset, self.host.data_ptr() + offset, len(meta),
+                                      cupy.cuda.runtime.memcpyHostToDevice, stream.cuda_stream)
+        if event is None:
+            event = self.events[slot] = torch.cuda.Event()
+        event.record(stream)
+        return self.device.data_ptr() + offset
+
+
+_RINGS: dict[tuple[int, int], _MetadataRing] = {}
+
+
+def _upload_metadata(sel: Selection, geometry: bytes, header: bytes, stream) -> tuple[int, object]:
+    """Copy [Geometry | header | block ids] to the device on ``stream``; (device address, keep-alive)."""
+    meta = b"".join((geometry, bytes(META_HEADER_OFFSET - len(geometry)), header,
+                     sel.block_ids.astype("<i4", copy=False).tobytes()))
+    key = (sel.layout.device.index, stream.cuda_stream)
+    ring = _RINGS.get(key)
+    if ring is None:
+        ring = _RINGS[key] = _MetadataRing(sel.layout.device.index)
+    address = ring.upload(meta, stream)
+    if address is not None:
+        return address, ring
+    # Fallback: a pinned copy of its own, allocated on ``stream`` so torch's caching allocators
+    # keep both sides until the stream has used them.
     with torch.cuda.stream(stream):
-        return torch.frombuffer(meta, dtype=torch.uint8).pin_memory().to(sel.layout.device, non_blocking=True)
+        device_meta = torch.frombuffer(bytearray(meta), dtype=torch.uint8).pin_memory().to(
+            sel.layout.device, non_blocking=True)
+    return device_meta.data_ptr(), device_meta
 
 
 @functools.lru_cache(maxsize=None)
@@ -209,25 +256,24 @@ def launch(kind: str, sel: Selection, chunk: torch.Tensor, stream: torch.cuda.St
            *, status: torch.Tensor | None = None, max_ctas: int | None = None) -> torch.Tensor | None:
     """Launch ``kvlink_pack`` or ``kvlink_unpack`` for a validated selection on ``stream``.
 
-    For unpack, returns the int32 status word (``status`` if given, else one inside the
-    launch's metadata, zeroed at upload).
+    For unpack, returns the int32 status word: ``status`` if given (only ever set to 1), else a
+    new one the kernel sets to 0 or 1.
     """
     import cupy
 
     device_index = sel.layout.device.index
     cache = _layout_cache(sel)
-    geometry, vec, num_tiles = _geometry(sel, chunk.data_ptr(), cache)
-    meta = _upload_metadata(sel, geometry, header, stream)
+    own_status = kind == "unpack" and status is None
+    geometry, vec, num_tiles = _geometry(sel, chunk.data_ptr(), cache, own_status)
+    meta_address, _keep_alive = _upload_metadata(sel, geometry, header, stream)
     planes_ptr = cache["table"].data_ptr() + 8 * sel.first_plane
     kernel = _kernel(device_index, kind, vec)
-    args = [np.uint64(meta.data_ptr()), np.uint64(planes_ptr), np.uint64(chunk.data_ptr())]
+    args = [np.uint64(meta_address), np.uint64(planes_ptr), np.uint64(chunk.data_ptr())]
     if kind == "unpack":
-        if status is None:
-            status = meta[META_STATUS_OFFSET: META_STATUS_OFFSET + 4].view(torch.int32)
+        if own_status:
+            status = torch.empty(1, dtype=torch.int32, device=sel.layout.device)
+            status.record_stream(stream)  # may be allocated for another stream; keep it until ours is done
         args.append(np.uint64(status.data_ptr()))
     with cupy.cuda.Device(device_index), _cupy_stream(stream, device_index):
         kernel((_grid(sel, num_tiles, max_ctas),), (THREADS,), tuple(args))
-    # NOTE: ``meta`` may be freed on return while the kernel still reads it: safe, because it was
-    # allocated on ``stream`` and torch's caching allocator reuses it only for work queued later
-    # on that stream. The status view keeps it alive for the caller.
     return status

@@ -55,7 +55,7 @@ def _resolve_stream(layout: CacheLayout, stream):
             raise ValueError(f"stream given, but {layout.name} is on {layout.device}")
         return None
     if stream is None:
-        return torch.cuda.current_stream(layout.device)
+        return torch.cuda.current_stream(layout.device.index)
     if not isinstance(stream, torch.cuda.Stream):
         raise TypeError(f"stream must be a torch.cuda.Stream, got {type(stream).__name__}")
     if stream.device.index != layout.device.index:

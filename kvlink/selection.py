@@ -133,10 +133,11 @@ def select(
             f"block_ids[{int(np.argmax(bad))}]={int(ids[bad][0])} is out of range [0, {layout.num_blocks}) "
             f"for {layout.name}"
         )
-    if destination:
-        unique, counts = np.unique(ids, return_counts=True)
-        if (counts > 1).any():
-            raise ValueError(f"destination block_ids repeat block {int(unique[counts > 1][0])}")
+    if destination and ids.size > 1:
+        ordered = np.sort(ids)
+        repeats = ordered[1:] == ordered[:-1]
+        if repeats.any():
+            raise ValueError(f"destination block_ids repeat block {int(ordered[1:][repeats][0])}")
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, Integral):
         raise TypeError(f"num_tokens must be an int, got {type(num_tokens).__name__}")
     num_tokens = int(num_tokens)

@@ -124,3 +124,38 @@ def test_runs_on_the_callers_stream_without_sync(generator):
         got = src.engine[layer][0, 2, 5]  # K of request token 21: source block 2 (slot 1), offset 5
         want = dst.engine[layer][8, 0, :, 5]  # destination block 8 (slot 1), K, HND [H, N, D], offset 5
         assert torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8))
+
+
+def test_caller_status_collects_every_chunk_of_a_request(generator):
+    """A caller-owned status word is only ever raised: one refused chunk marks the whole request."""
+    src = gpu_cache("vllm_flash_attn_nhd", generator)
+    dst = gpu_cache("vllm_flash_attn_nhd", generator)
+    chunk = torch.empty(kvlink.packed_nbytes(src.layout, 32, layers=(0, 1)), dtype=torch.uint8, device="cuda")
+    kvlink.pack(src.layout, [3, 4], 32, chunk, layers=(0, 1), backend="cuda")
+    status = torch.zeros(1, dtype=torch.int32, device="cuda")
+    kvlink.unpack(dst.layout, [1, 2], 32, chunk, layers=(0, 1), status=status, backend="cuda")
+    assert status.item() == 0
+    kvlink.unpack(dst.layout, [1, 2], 32, chunk, layers=(1, 2), status=status, backend="cuda")  # wrong layer
+    kvlink.unpack(dst.layout, [1, 2], 32, chunk, layers=(0, 1), status=status, backend="cuda")
+    assert status.item() == 1
+
+
+def test_many_queued_launches_reuse_metadata_slots_safely(generator):
+    """Hundreds of launches queued behind a busy stream: slot reuse must never corrupt a launch's metadata."""
+    src = gpu_cache("vllm_flashinfer_hnd", generator, num_blocks=64)
+    stream = torch.cuda.Stream()
+    requests, chunks = [], []
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(20_000_000)
+    for i in range(400):
+        num_tokens = int(torch.randint(1, 60, (1,), generator=generator))
+        ids = random_blocks(src.layout, num_tokens, generator)
+        chunk = torch.empty(kvlink.packed_nbytes(src.layout, num_tokens), dtype=torch.uint8, device="cuda")
+        kvlink.pack(src.layout, ids, num_tokens, chunk, stream=stream, backend="cuda")
+        requests.append((ids, num_tokens))
+        chunks.append(chunk)
+    stream.synchronize()
+    for (ids, num_tokens), chunk in zip(requests, chunks):
+        expected = torch.empty_like(chunk)
+        kvlink.pack(src.layout, ids, num_tokens, expected, backend="torch")
+        assert torch.equal(chunk, expected)
