@@ -17,8 +17,7 @@ import kvlink
 from kvlink import kernels, presets
 from kvlink.timing import time_gpu
 
-pytestmark = pytest.mark.skipif("not __import__('kvlink').kernels.cuda_available()",
-                                reason="needs a CUDA GPU and CuPy")
+pytestmark = pytest.mark.skipif(not kernels.cuda_available(), reason="needs a CUDA GPU and CuPy")
 
 LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS, REQUEST_BLOCKS = 32, 8, 128, 16, 2048, 256
 NUM_TOKENS = REQUEST_BLOCKS * BLOCK_SIZE

@@ -12,11 +12,3 @@ def generator(request):
     request.node.user_properties.append(("seed", seed))
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
-
-
-def gpu_ready() -> bool:
-    from kvlink import kernels
-    return kernels.cuda_available()
-
-
-requires_gpu = pytest.mark.skipif("not __import__('conftest').gpu_ready()", reason="needs a CUDA GPU and CuPy")

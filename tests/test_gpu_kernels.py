@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvlink
-from conftest import requires_gpu
+from markers import requires_gpu
 from engine_access import snapshot
 from kvlink import presets
 from roundtrip import make_cache, random_blocks, roundtrip
