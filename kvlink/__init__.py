@@ -13,7 +13,7 @@ The data path, one module a stage:
 
 from kvlink import presets
 from kvlink.layout import CacheLayout
-from kvlink.pack import pack, packed_nbytes, unpack
+from kvlink.pack import pack, packed_nbytes, prepare, unpack
 from kvlink.selection import Selection, select
 from kvlink.wire import HEADER_BYTES, ChunkError, ChunkHeader, check_status
 
@@ -28,6 +28,7 @@ __all__ = [
     "check_status",
     "pack",
     "packed_nbytes",
+    "prepare",
     "presets",
     "select",
     "unpack",

@@ -107,9 +107,14 @@ def _layout_cache(sel: Selection) -> dict:
     cache = layout.__dict__.get("_kernel_cache")
     if cache is None:
         ptrs = layout.plane_ptrs()
+        # NOTE: the plane table is uploaded on a side stream and only that stream is waited for,
+        # so first use never waits for the engine's queued work.
+        side = torch.cuda.Stream(layout.device)
+        with torch.cuda.stream(side):
+            table = torch.tensor(ptrs, dtype=torch.int64).pin_memory().to(layout.device, non_blocking=True)
+        side.synchronize()
         cache = {
-            # plane base addresses on the device, uploaded once per layout
-            "table": torch.tensor(ptrs, dtype=torch.int64).to(layout.device),
+            "table": table,  # plane base addresses on the device, uploaded once per layout
             "ptrs": ptrs,
             "strides_gcd": functools.reduce(math.gcd, [layout.block_stride, layout.token_stride, layout.head_stride]),
             "fingerprint": layout.fingerprint,
@@ -250,6 +255,21 @@ def _cupy_stream(stream: torch.cuda.Stream, device_index: int):
             handle = cupy.cuda.ExternalStream(stream.cuda_stream, device_index)
         _CUPY_STREAMS[key] = handle
     return handle
+
+
+def prepare(layout, stream: torch.cuda.Stream) -> None:
+    """One-time setup off the critical path: compile the kernels, upload the plane table, make the stream's metadata ring."""
+    from kvlink.selection import select
+
+    device_index = layout.device.index
+    for kind in ("pack", "unpack"):
+        for vec in VEC_WIDTHS:
+            _kernel(device_index, kind, vec)
+    sel = select(layout, [0], 1)
+    _layout_cache(sel)
+    key = (device_index, stream.cuda_stream)
+    if key not in _RINGS:
+        _RINGS[key] = _MetadataRing(device_index)
 
 
 def launch(kind: str, sel: Selection, chunk: torch.Tensor, stream: torch.cuda.Stream, header: bytes,

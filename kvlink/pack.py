@@ -76,6 +76,19 @@ def _check_chunk(name: str, chunk, sel: Selection) -> None:
         raise ValueError(f"{name} holds {chunk.numel()} bytes but this chunk needs {sel.chunk_bytes}")
 
 
+def prepare(layout: CacheLayout, stream: torch.cuda.Stream | None = None, *, backend: str = "auto") -> None:
+    """Do the one-time work of a layout's first pack/unpack now (at registration, not on a request).
+
+    Compiles the kernels (NVRTC, or CuPy's disk cache), uploads the plane table and creates the
+    metadata ring of ``stream`` (default: the current stream). Safe to call more than once; a
+    no-op for the torch backend.
+    """
+    if not isinstance(layout, CacheLayout):
+        raise TypeError(f"layout must be a kvlink CacheLayout, got {type(layout).__name__}")
+    if _resolve_backend(layout, backend) == "cuda":
+        kernels.prepare(layout, _resolve_stream(layout, stream))
+
+
 def pack(
     layout: CacheLayout,
     block_ids,

@@ -107,10 +107,10 @@ def test_runs_on_the_callers_stream_without_sync(generator):
     src = gpu_cache("vllm_flash_attn_nhd", generator)
     dst = gpu_cache("vllm_flashinfer_hnd", generator)
     chunk = torch.empty(kvlink.packed_nbytes(src.layout, 64), dtype=torch.uint8, device="cuda")
-    kvlink.pack(src.layout, [1, 2, 3, 4], 64, chunk, backend="cuda")  # first use: compile, upload tables
-    kvlink.unpack(dst.layout, [9, 8, 7, 6], 64, chunk, backend="cuda")
-    torch.cuda.synchronize()
     side = torch.cuda.Stream()
+    kvlink.prepare(src.layout, side)  # one-time work: compile, plane tables, the stream's metadata ring
+    kvlink.prepare(dst.layout, side)
+    torch.cuda.synchronize()
     gate = torch.cuda.Event()
     with torch.cuda.stream(side):
         torch.cuda._sleep(50_000_000)  # hold the side stream busy; a hidden sync would wait for it

@@ -105,3 +105,10 @@ def test_bad_backend_and_layout_arguments(pair):
         kvlink.pack(src.layout, [], 10, chunk)
     with pytest.raises(ValueError, match="must be 1-D"):
         kvlink.pack(src.layout, [[0, 1, 2]], 10, chunk)
+
+
+def test_prepare_is_a_no_op_on_the_reference_path(pair):
+    src, _, _ = pair
+    kvlink.prepare(src.layout)
+    with pytest.raises(TypeError, match="layout must be a kvlink CacheLayout"):
+        kvlink.prepare(src.engine)
