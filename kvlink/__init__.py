@@ -9,9 +9,14 @@ The data path, one module a stage:
     pack.py                  pack (gather into a chunk) and unpack (scatter out of one)
     kernels.py + csrc/       the CUDA kernels behind pack/unpack
     reference.py             the same operations in plain torch (the oracle; the CPU path)
+    plan.py                  cut a request into pipeline chunks
+    control.py               control-plane messages (msgpack over ZeroMQ)
+    nccl.py                  the NCCL communicator of one prefill/decode GPU pair
+    endpoint.py              the object an engine holds: links, pulls, the pipeline
 """
 
 from kvlink import presets
+from kvlink.endpoint import Endpoint, TransferError, TransferHandle
 from kvlink.layout import CacheLayout
 from kvlink.pack import pack, packed_nbytes, prepare, unpack
 from kvlink.selection import Selection, select
@@ -21,6 +26,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CacheLayout",
+    "Endpoint",
+    "TransferError",
+    "TransferHandle",
     "ChunkError",
     "ChunkHeader",
     "HEADER_BYTES",

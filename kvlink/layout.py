@@ -197,18 +197,31 @@ class CacheLayout:
             f"on {self.device}, fingerprint {self.fingerprint}"
         )
 
+    def to_dict(self) -> dict:
+        """What a peer needs to know of this cache (sent in the handshake)."""
+        return {
+            "name": self.name, "num_layers": self.num_layers, "num_kv": self.num_kv, "num_blocks": self.num_blocks,
+            "block_size": self.block_size, "num_heads": self.num_heads, "head_dim": self.head_dim,
+            "dtype": str(self.dtype).removeprefix("torch."), "fingerprint": self.fingerprint,
+        }
+
     def check_compatible(self, other: "CacheLayout") -> None:
         """Raise ValueError naming the first field where ``other`` cannot receive our chunks.
 
         Head counts may differ (tensor parallelism); the head ranges of each chunk are checked
         when it is packed and unpacked.
         """
-        for attr in ("num_layers", "num_kv", "head_dim", "dtype"):
-            mine, theirs = getattr(self, attr), getattr(other, attr)
-            if mine != theirs:
-                raise ValueError(
-                    f"incompatible layouts: {attr} is {mine} in {self.name} but {theirs} in {other.name}"
-                )
+        check_compatible(self.to_dict(), other.to_dict())
+
+
+def check_compatible(mine: dict, theirs: dict) -> None:
+    """Compare two :meth:`CacheLayout.to_dict` descriptions; ValueError names the first mismatch."""
+    for attr in ("num_layers", "num_kv", "head_dim", "dtype"):
+        if mine.get(attr) != theirs.get(attr):
+            raise ValueError(
+                f"incompatible layouts: {attr} is {mine.get(attr)} in {mine.get('name')} "
+                f"but {theirs.get(attr)} in {theirs.get('name')}"
+            )
 
 
 def _check_no_self_overlap(name: str, shape: Sequence[int], strides: Sequence[int]) -> None:

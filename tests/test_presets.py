@@ -27,7 +27,7 @@ def test_fingerprint_ignores_block_size_layout_and_heads_only():
     assert a.fingerprint == b.fingerprint
     assert len({a.fingerprint, c.fingerprint, d.fingerprint}) == 3
     a.check_compatible(b)
-    with pytest.raises(ValueError, match="dtype is torch.bfloat16 in vllm_flash_attn_nhd but torch.float16"):
+    with pytest.raises(ValueError, match="dtype is bfloat16 in vllm_flash_attn_nhd but float16 in tensorrt_llm"):
         a.check_compatible(c)
     with pytest.raises(ValueError, match="num_layers is 2"):
         a.check_compatible(d)

@@ -1,0 +1,789 @@
+"""The object an engine holds: registers its cache, links to peers, moves requests' KV blocks.
+
+One :class:`Endpoint` per GPU (or per CPU cache). The decode side *pulls*: it names the
+request, the prefill side's source blocks and its own destination blocks; the prefill side
+serves pulls on each link in the order they arrive, so NCCL's send/recv order matches on both
+sides without further coordination.
+
+Pipeline on the NCCL transport (per chunk of the request's plan, kvlink.plan)::
+
+    prefill: pack stream:  wait(slot free) -> pack(chunk i) -> record(packed)
+             link stream:  wait(packed) -> ncclSend(slot) -> record(slot free)
+    decode:  link stream:  wait(slot free) -> ncclRecv(slot) -> record(received)
+             unpack stream: wait(received) -> unpack(chunk i) -> record(slot free)
+
+Every ordering is a CUDA event between streams; the host never waits for the GPU. Slots come
+from a preallocated staging pool, so chunk i+1 packs while chunk i is on the wire and chunk i-1
+unpacks. On the host (TCP) transport the same chunks travel as ZeroMQ messages.
+
+A background progress thread owns the ZeroMQ sockets and issues every NCCL call; the engine's
+threads talk to it through a command queue.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import socket as pysocket
+import threading
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import zmq
+
+from kvlink import control, nccl
+from kvlink.control import ProtocolError
+from kvlink.layout import CacheLayout, check_compatible
+from kvlink.pack import pack, prepare, unpack
+from kvlink.plan import Box, box_payload_bytes, plan_chunks
+from kvlink.selection import HEADER_BYTES, block_ids_to_numpy, select
+from kvlink.wire import STATUS_OK
+
+log = logging.getLogger("kvlink")
+
+TRANSPORTS = ("auto", "nccl", "host")
+DEFAULT_TIMEOUT = float(os.environ.get("KVLINK_TIMEOUT", "30"))
+REFUSED_FLAG = 0x8000  # header flag of a chunk sent in place of data the prefill side refused
+
+
+class TransferError(RuntimeError):
+    """A transfer failed; the message names the request and the peer."""
+
+
+@dataclass
+class TransferStats:
+    payload_bytes: int = 0
+    chunks: int = 0
+    seconds: float = 0.0
+
+    @property
+    def GBps(self) -> float:
+        return self.payload_bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+class TransferHandle:
+    """One pull, as the decode side sees it.
+
+    ``done()`` and ``wait(timeout)`` report completion (every byte in the destination blocks);
+    on a GPU cache ``event`` is a CUDA event the engine's stream can wait on instead, and
+    ``layer_event(l)`` the event of layer ``l`` in layer-wise mode. ``error`` holds the
+    :class:`TransferError` of a failed transfer; ``stats`` its bytes, time and GB/s.
+    """
+
+    def __init__(self, xfer: int, request: str, peer: str, num_layers: int, layerwise: bool):
+        self.xfer, self.request, self.peer = xfer, request, peer
+        self.layerwise = layerwise
+        self.stats = TransferStats()
+        self.error: TransferError | None = None
+        self.event: torch.cuda.Event | None = None
+        self._layer_events: dict[int, torch.cuda.Event] = {}
+        self._num_layers = num_layers
+        self._started = time.perf_counter()
+        self._enqueued = threading.Event()  # the GPU work (or the host wait) is in place
+        self._finished = threading.Event()
+        self._lock = threading.Lock()
+        self._status_host: torch.Tensor | None = None  # pinned copy of the unpack status word
+        self._on_finish = None
+
+    def layer_event(self, layer: int) -> torch.cuda.Event:
+        """CUDA event recorded once ``layer`` is in the destination blocks (layer-wise pulls on GPU)."""
+        if not self._enqueued.wait(DEFAULT_TIMEOUT):
+            raise TimeoutError(f"request {self.request!r} from {self.peer}: transfer was never started")
+        if layer not in self._layer_events:
+            raise KeyError(f"request {self.request!r}: no event for layer {layer} (layerwise={self.layerwise})")
+        return self._layer_events[layer]
+
+    def done(self) -> bool:
+        if self._finished.is_set():
+            return True
+        event = self.event
+        if event is not None and self._enqueued.is_set() and event.query():
+            self._finish()
+        return self._finished.is_set()
+
+    def wait(self, timeout: float | None = None) -> "TransferHandle":
+        """Block until done; raise the transfer's error, or TimeoutError naming request and peer."""
+        timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+        deadline = time.perf_counter() + timeout
+        pause = 2e-6
+        while not self.done():
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"request {self.request!r} from {self.peer}: not done after {timeout:.1f} s")
+            self._finished.wait(pause)
+            pause = min(pause * 2, 1e-3)
+        if self.error is not None:
+            raise self.error
+        return self
+
+    # -- called by the endpoint ------------------------------------------------------------
+    def _finish(self, error: str | None = None) -> bool:
+        with self._lock:
+            if self._finished.is_set():
+                return False
+            if error is None and self._status_host is not None and int(self._status_host[0]) != STATUS_OK:
+                error = "a received chunk was refused (header mismatch or refused by the sender); nothing was written"
+            if error is not None:
+                self.error = TransferError(f"request {self.request!r} from {self.peer}: {error}")
+            self.stats.seconds = time.perf_counter() - self._started
+            self._finished.set()
+        if self._on_finish is not None:
+            self._on_finish(self)
+        return True
+
+
+@dataclass
+class _Slot:
+    buffer: torch.Tensor
+    free: torch.cuda.Event | None = None  # recorded after the last use of this slot
+
+
+@dataclass
+class _Link:
+    name: str                     # the peer's endpoint name
+    role: str                     # "decode" (we pull through it) or "prefill" (we serve it)
+    transport: str
+    remote_layout: dict
+    chunk_bytes: int
+    identity: bytes = b""         # ROUTER identity of the peer (prefill side)
+    socket: zmq.Socket | None = None  # DEALER (decode side)
+    comm: nccl.Communicator | None = None
+    stream: torch.cuda.Stream | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+    serves: list = field(default_factory=list)      # prefill: pulls in arrival order
+    pending: dict = field(default_factory=dict)     # decode: xfer -> handle
+    failed: str | None = None
+
+
+@dataclass
+class _Serve:
+    xfer: int
+    request: str
+    src_ids: np.ndarray
+    num_tokens: int
+    heads: tuple[int, int]
+    boxes: list[Box]
+    layerwise: bool
+    refused: str | None = None
+    next_chunk: int = 0
+
+
+class Endpoint:
+    """kvlink's per-GPU object: cache registration, links, pulls, notifications.
+
+    Args:
+        layout: this side's cache (kvlink.presets).
+        name: how peers and logs call this endpoint (default: host:pid:device).
+        listen: ZeroMQ address to serve pulls on (``tcp://127.0.0.1:0`` picks a port; ``None``
+            for a pull-only endpoint). Loopback unless told otherwise.
+        transport: ``"auto"`` (NCCL between two GPUs, else host TCP), ``"nccl"`` or ``"host"``.
+        chunk_bytes: staging slot payload size (default: ``KVLINK_CHUNK_MB`` or 64 MiB).
+        num_slots: staging slots (GPU); 3 lets pack, wire and unpack overlap.
+        timeout: seconds any wait may take before it fails with an error naming the peer.
+        max_ctas: thread blocks pack/unpack may use while NCCL runs (default ``KVLINK_MAX_CTAS`` or 64).
+    """
+
+    def __init__(self, layout: CacheLayout, *, name: str | None = None, listen: str | None = "tcp://127.0.0.1:0",
+                 transport: str = "auto", chunk_bytes: int | None = None, num_slots: int = 3,
+                 timeout: float = DEFAULT_TIMEOUT, heartbeat: float = 1.0, max_ctas: int | None = None):
+        if not isinstance(layout, CacheLayout):
+            raise TypeError(f"layout must be a kvlink CacheLayout, got {type(layout).__name__}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        if transport == "nccl" and (layout.device.type != "cuda" or not nccl.available()):
+            raise ValueError(f"transport='nccl' needs a GPU cache and CuPy's NCCL; {layout.name} is on {layout.device}")
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.layout = layout
+        self.on_gpu = layout.device.type == "cuda"
+        self.device_index = layout.device.index if self.on_gpu else None
+        self.name = name or f"{pysocket.gethostname()}:{os.getpid()}:{layout.device}"
+        self.transport = transport
+        self.chunk_bytes = int(chunk_bytes or int(os.environ.get("KVLINK_CHUNK_MB", "64")) << 20)
+        if self.chunk_bytes < layout.num_kv * layout.num_heads * layout.row_bytes:
+            raise ValueError(f"chunk_bytes={self.chunk_bytes} cannot hold one token of one layer")
+        self.num_slots = num_slots
+        self.timeout = float(timeout)
+        self.heartbeat = float(heartbeat)
+        self.max_ctas = max_ctas if max_ctas is not None else int(os.environ.get("KVLINK_MAX_CTAS", "64"))
+        self._links: dict[str, _Link] = {}
+        self._xfer_ids = itertools.count(1)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._notifications: list[tuple[str, bool]] = []
+        self._ready_layers: dict[str, dict[int, torch.cuda.Event | None]] = {}
+        self._notify_lock = threading.Lock()
+        self._closed = False
+        self._slots: list[_Slot] = []
+        self._slot_cursor = 0
+        self._pack_stream = self._unpack_stream = None
+        if self.on_gpu:
+            self._pack_stream = torch.cuda.Stream(layout.device)
+            self._unpack_stream = torch.cuda.Stream(layout.device)
+            prepare(layout, self._pack_stream)
+            prepare(layout, self._unpack_stream)
+
+        self._context = zmq.Context()
+        self._wake_send = self._context.socket(zmq.PAIR)
+        self._wake_recv = self._context.socket(zmq.PAIR)
+        wake_address = f"inproc://kvlink-wake-{uuid.uuid4().hex}"
+        self._wake_recv.bind(wake_address)
+        self._wake_send.connect(wake_address)
+        self._wake_lock = threading.Lock()
+        self._router = None
+        self.address = None
+        if listen is not None:
+            self._router = self._context.socket(zmq.ROUTER)
+            self._router.setsockopt(zmq.LINGER, 0)
+            self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            if listen.endswith(":0"):
+                port = self._router.bind_to_random_port(listen[: listen.rfind(":")])
+                self.address = f"{listen[: listen.rfind(':')]}:{port}"
+            else:
+                self._router.bind(listen)
+                self.address = listen
+        self._thread = threading.Thread(target=self._run, name=f"kvlink-progress-{self.name}", daemon=True)
+        self._thread.start()
+        log.info("kvlink endpoint %s: %s, listening on %s", self.name, layout.describe(), self.address)
+
+    # ================================================================== public API
+    def connect(self, address: str, timeout: float | None = None) -> str:
+        """Link to the endpoint listening at ``address`` (handshake, NCCL setup); return its name."""
+        if not isinstance(address, str) or "://" not in address:
+            raise ValueError(f"address must be a ZeroMQ address like tcp://127.0.0.1:5555, got {address!r}")
+        timeout = self.timeout if timeout is None else float(timeout)
+        return self._call("connect", address, timeout, timeout=2 * timeout + 5)
+
+    def pull(self, peer: str, request: str, src_blocks, dst_blocks, num_tokens: int, *,
+             layers: tuple[int, int] | None = None, src_heads: tuple[int, int] | None = None,
+             dst_heads: tuple[int, int] | None = None, layerwise: bool = False) -> TransferHandle:
+        """Start moving ``request``'s KV from ``peer``'s ``src_blocks`` into our ``dst_blocks``.
+
+        Validated here, before anything is sent: our destination blocks against our cache, the
+        source blocks against the peer's cache geometry from the handshake.
+        """
+        link = self._links.get(peer)
+        if link is None or link.role != "decode":
+            raise ValueError(f"no link to peer {peer!r}; connect() to it first (links: {sorted(self._links)})")
+        if link.failed:
+            raise TransferError(f"request {request!r} from {peer}: link is down ({link.failed})")
+        if not isinstance(request, str) or not request:
+            raise TypeError(f"request must be a non-empty str id, got {request!r}")
+        dst_sel = select(self.layout, dst_blocks, num_tokens, layers=layers, heads=dst_heads, destination=True)
+        src_ids = block_ids_to_numpy(src_blocks, "src_blocks")
+        remote = link.remote_layout
+        bad = (src_ids < 0) | (src_ids >= remote["num_blocks"])
+        if bad.any():
+            raise ValueError(f"src_blocks[{int(np.argmax(bad))}]={int(src_ids[bad][0])} is out of range "
+                             f"[0, {remote['num_blocks']}) of {peer}'s cache")
+        if -(-num_tokens // remote["block_size"]) != src_ids.size:
+            raise ValueError(f"num_tokens={num_tokens} fills {-(-num_tokens // remote['block_size'])} of {peer}'s "
+                             f"{remote['block_size']}-token blocks but {src_ids.size} src_blocks were given")
+        src_heads = src_heads or (0, remote["num_heads"])
+        if not (0 <= src_heads[0] < src_heads[1] <= remote["num_heads"]) or \
+                src_heads[1] - src_heads[0] != dst_sel.num_selected_heads:
+            raise ValueError(f"src_heads={src_heads} must lie in [0, {remote['num_heads']}) and match "
+                             f"{dst_sel.num_selected_heads} destination heads")
+        token_layer_bytes = self.layout.num_kv * dst_sel.num_selected_heads * self.layout.row_bytes
+        boxes = plan_chunks((dst_sel.layer_start, dst_sel.layer_stop), num_tokens, token_layer_bytes,
+                            link.chunk_bytes, layerwise=layerwise)
+        handle = TransferHandle(next(self._xfer_ids), request, peer, self.layout.num_layers, layerwise)
+        handle.stats.payload_bytes = dst_sel.payload_bytes
+        handle.stats.chunks = len(boxes)
+        self._post("pull", link, handle, dst_sel, src_ids, src_heads, boxes)
+        return handle
+
+    def layer_ready(self, request: str, layer: int, stream: torch.cuda.Stream | None = None) -> None:
+        """Prefill side, layer-wise mode: ``layer`` of ``request`` is written (by work queued on ``stream``)."""
+        if not 0 <= layer < self.layout.num_layers:
+            raise ValueError(f"layer={layer} outside [0, {self.layout.num_layers})")
+        event = None
+        if self.on_gpu:
+            event = torch.cuda.Event()
+            event.record(stream or torch.cuda.current_stream(self.device_index))
+        self._post("layer_ready", request, layer, event)
+
+    def finished_sends(self) -> list[tuple[str, bool]]:
+        """Prefill side: (request, ok) for each pull the decode side confirmed since the last call."""
+        with self._notify_lock:
+            done, self._notifications = self._notifications, []
+        return done
+
+    def links(self) -> list[dict]:
+        """One dict per link: peer, role, transport, communicator and staging bytes."""
+        return [{"peer": l.name, "role": l.role, "transport": l.transport, "failed": l.failed,
+                 "nccl_bytes": l.comm.init_bytes if l.comm else 0,
+                 "staging_bytes": sum(s.buffer.numel() for s in self._slots)} for l in self._links.values()]
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._post("close")
+        self._thread.join(timeout)
+        self._context.destroy(linger=0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ================================================================== command plumbing
+    def _post(self, *command) -> None:
+        if self._closed and command[0] != "close":
+            raise RuntimeError(f"endpoint {self.name} is closed")
+        self._commands.put(command)
+        with self._wake_lock:
+            self._wake_send.send(b"", zmq.NOBLOCK)
+
+    def _call(self, *command, timeout: float | None = None):
+        """Run a command on the progress thread and wait for its result."""
+        done, box = threading.Event(), {}
+        self._post(*command, (done, box))
+        timeout = self.timeout if timeout is None else timeout
+        if not done.wait(timeout):
+            raise TimeoutError(f"endpoint {self.name}: {command[0]} {command[1:]} not done within {timeout:.1f} s")
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
+    # ================================================================== progress thread
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_recv, zmq.POLLIN)
+        if self._router is not None:
+            poller.register(self._router, zmq.POLLIN)
+        next_heartbeat = time.monotonic() + self.heartbeat
+        while True:
+            busy = any(l.pending for l in self._links.values()) or any(l.serves for l in self._links.values())
+            events = dict(poller.poll(1 if busy else int(self.heartbeat * 1000)))
+            if self._wake_recv in events:
+                while self._wake_recv.poll(0):
+                    self._wake_recv.recv()
+                while True:
+                    try:
+                        command = self._commands.get_nowait()
+                    except queue.Empty:
+                        break
+                    if command[0] == "close":
+                        self._shutdown()
+                        return
+                    self._run_command(command, poller)
+            if self._router is not None and self._router in events:
+                while self._router.poll(0):
+                    frames = self._router.recv_multipart(copy=False)
+                    self._on_router_message(frames)
+            for link in list(self._links.values()):
+                if link.socket is not None and link.socket in events:
+                    while link.socket.poll(0):
+                        self._on_dealer_message(link, link.socket.recv_multipart(copy=False))
+            self._advance_serves()
+            self._complete_pulls()
+            now = time.monotonic()
+            if now >= next_heartbeat:
+                next_heartbeat = now + self.heartbeat
+                self._heartbeat(now)
+
+    def _run_command(self, command, poller) -> None:
+        kind, *args = command
+        reply = args[-1] if kind == "connect" else None
+        try:
+            if kind == "connect":
+                reply[1]["result"] = self._connect(args[0], args[1], poller)
+            elif kind == "pull":
+                self._start_pull(*args)
+            elif kind == "layer_ready":
+                request, layer, event = args
+                self._ready_layers.setdefault(request, {})[layer] = event
+        except Exception as exc:
+            if reply is not None:
+                reply[1]["error"] = exc
+            elif kind == "pull":
+                args[1]._finish(f"could not start: {exc}")
+            else:
+                log.exception("kvlink %s: command %s failed", self.name, kind)
+        finally:
+            if reply is not None:
+                reply[0].set()
+
+    # ------------------------------------------------------------------ handshake
+    def _hello(self) -> bytes:
+        device = ""
+        if self.on_gpu:
+            device = str(torch.cuda.get_device_properties(self.device_index).uuid)
+        transports = ["host"] + (["nccl"] if self.on_gpu and nccl.available() and self.transport != "host" else [])
+        if self.transport == "nccl":
+            transports = ["nccl"]
+        return control.encode("HELLO", endpoint=self.name, fingerprint=self.layout.fingerprint,
+                              layout=self.layout.to_dict(), transports=transports, host=pysocket.gethostname(),
+                              pid=os.getpid(), device=device, chunk_bytes=self.chunk_bytes)
+
+    def _connect(self, address: str, timeout: float, poller) -> str:
+        dealer = self._context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(address)
+        dealer.send(self._hello())
+        if not dealer.poll(int(timeout * 1000)):
+            dealer.close()
+            raise TimeoutError(f"endpoint {self.name}: no answer to HELLO from {address} within {timeout:.1f} s")
+        reply = control.decode(dealer.recv())
+        if reply["type"] == "REJECT":
+            dealer.close()
+            raise ConnectionRefusedError(f"{address} refused the link: {reply['reason']}")
+        if reply["type"] != "WELCOME":
+            dealer.close()
+            raise ProtocolError(f"expected WELCOME from {address}, got {reply['type']}")
+        link = _Link(name=reply["endpoint"], role="decode", transport=reply["transport"],
+                     remote_layout=reply["layout"], chunk_bytes=reply["chunk_bytes"], socket=dealer)
+        if link.transport == "nccl":
+            link.comm = nccl.Communicator(reply["nccl_id"], 1, self.device_index, timeout=timeout, peer=link.name)
+            link.stream = torch.cuda.Stream(self.layout.device)
+            self._ensure_slots(link.chunk_bytes)
+        self._links[link.name] = link
+        poller.register(dealer, zmq.POLLIN)
+        self._log_link(link, address)
+        return link.name
+
+    def _on_hello(self, identity: bytes, message: dict) -> None:
+        peer = message["endpoint"]
+        try:
+            check_compatible(self.layout.to_dict(), message["layout"])
+            if message["fingerprint"] != self.layout.fingerprint:
+                raise ValueError(f"layout fingerprints differ: ours {self.layout.fingerprint}, theirs {message['fingerprint']}")
+        except ValueError as exc:
+            log.error("kvlink %s: refusing %s: %s", self.name, peer, exc)
+            self._router.send_multipart([identity, control.encode("REJECT", reason=str(exc))])
+            return
+        ours = {"host"} | ({"nccl"} if self.on_gpu and nccl.available() and self.transport != "host" else set())
+        if self.transport == "nccl":
+            ours = {"nccl"}
+        same_gpu = self.on_gpu and message["device"] == str(torch.cuda.get_device_properties(self.device_index).uuid)
+        common = ours & set(message["transports"])
+        if same_gpu:
+            common.discard("nccl")  # NCCL refuses two ranks on one GPU
+        transport = "nccl" if "nccl" in common else ("host" if "host" in common else None)
+        if transport is None:
+            reason = f"no common transport: ours {sorted(ours)}, theirs {message['transports']}" + \
+                (" (same GPU: NCCL cannot link a GPU to itself)" if same_gpu else "")
+            self._router.send_multipart([identity, control.encode("REJECT", reason=reason)])
+            return
+        chunk_bytes = min(self.chunk_bytes, message["chunk_bytes"])
+        nccl_id = nccl.unique_id() if transport == "nccl" else None
+        self._router.send_multipart([identity, control.encode(
+            "WELCOME", endpoint=self.name, transport=transport, nccl_id=nccl_id, chunk_bytes=chunk_bytes,
+            layout=self.layout.to_dict())])
+        link = _Link(name=peer, role="prefill", transport=transport, remote_layout=message["layout"],
+                     chunk_bytes=chunk_bytes, identity=identity)
+        if transport == "nccl":
+            try:
+                link.comm = nccl.Communicator(nccl_id, 0, self.device_index, timeout=self.timeout, peer=peer)
+            except (TimeoutError, RuntimeError) as exc:
+                log.error("kvlink %s: NCCL setup with %s failed: %s", self.name, peer, exc)
+                return
+            link.stream = torch.cuda.Stream(self.layout.device)
+            self._ensure_slots(chunk_bytes)
+        old = self._links.get(peer)
+        if old is not None and old.comm is not None:
+            old.comm.abort()
+        self._links[peer] = link
+        self._log_link(link, f"{message['host']} pid {message['pid']}")
+
+    def _log_link(self, link: _Link, where: str) -> None:
+        if link.transport == "nccl":
+            log.info("kvlink %s <-> %s (%s): transport nccl on GPU %d, communicator %.0f MiB, staging %d x %.0f MiB, "
+                     "NCCL env %s", self.name, link.name, where, self.device_index, link.comm.init_bytes / 2**20,
+                     len(self._slots), self.chunk_bytes / 2**20,
+                     {k: v for k, v in os.environ.items() if k.startswith("NCCL_")})
+        else:
+            log.info("kvlink %s <-> %s (%s): transport host (TCP through ZeroMQ, %s cache)%s", self.name, link.name,
+                     where, self.layout.device, " -- slow path for a GPU cache" if self.on_gpu else "")
+
+    def _ensure_slots(self, chunk_bytes: int) -> None:
+        if self._slots:
+            return
+        self._slots = [_Slot(torch.empty(chunk_bytes + HEADER_BYTES, dtype=torch.uint8, device=self.layout.device))
+                       for _ in range(self.num_slots)]
+
+    def _next_slot(self) -> _Slot:
+        slot = self._slots[self._slot_cursor % len(self._slots)]
+        self._slot_cursor += 1
+        return slot
+
+    # ------------------------------------------------------------------ decode side
+    def _start_pull(self, link: _Link, handle: TransferHandle, dst_sel, src_ids, src_heads, boxes) -> None:
+        handle._dst = (dst_sel, boxes)
+        handle._chunks_done = 0
+        link.pending[handle.xfer] = handle
+        link.socket.send(control.encode(
+            "PULL", xfer=handle.xfer, request=handle.request, src_blocks=src_ids.tolist(),
+            num_tokens=dst_sel.num_tokens, layers=[dst_sel.layer_start, dst_sel.layer_stop],
+            heads=list(src_heads), chunks=[list(b) for b in boxes], layerwise=handle.layerwise))
+        if link.transport == "nccl":
+            self._post_receives(link, handle, dst_sel, boxes)
+        handle._enqueued.set()
+
+    def _post_receives(self, link: _Link, handle: TransferHandle, dst_sel, boxes) -> None:
+        layout, stream, unpack_stream = self.layout, link.stream, self._unpack_stream
+        status = torch.zeros(1, dtype=torch.int32, device=layout.device)
+        dst_heads = (dst_sel.head_start, dst_sel.head_stop)
+        token_layer_bytes = layout.num_kv * dst_sel.num_selected_heads * layout.row_bytes
+        for box in boxes:
+            nbytes = HEADER_BYTES + box_payload_bytes(box, token_layer_bytes)
+            slot = self._next_slot()
+            if slot.free is not None:
+                stream.wait_event(slot.free)
+            link.comm.recv(slot.buffer.data_ptr(), nbytes, stream)
+            received = torch.cuda.Event()
+            received.record(stream)
+            unpack_stream.wait_event(received)
+            unpack(layout, dst_sel.block_ids, dst_sel.num_tokens, slot.buffer[:nbytes], layers=box[:2],
+                   tokens=box[2:], heads=dst_heads, stream=unpack_stream, status=status, max_ctas=self.max_ctas)
+            slot.free = torch.cuda.Event()
+            slot.free.record(unpack_stream)
+            if handle.layerwise and box[3] == dst_sel.num_tokens:
+                for layer in range(box[0], box[1]):
+                    handle._layer_events[layer] = event = torch.cuda.Event()
+                    event.record(unpack_stream)
+        with torch.cuda.stream(unpack_stream):
+            handle._status_host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            handle._status_host.copy_(status, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(unpack_stream)
+        handle.event = done
+
+    def _on_dealer_message(self, link: _Link, frames) -> None:
+        link.last_seen = time.monotonic()
+        try:
+            message = control.decode(frames[0].bytes)
+        except ProtocolError as exc:
+            log.error("kvlink %s: bad message from %s: %s", self.name, link.name, exc)
+            return
+        kind = message["type"]
+        if kind == "HEARTBEAT":
+            return
+        if kind == "BYE":
+            self._fail_link(link, f"peer closed: {message['reason']}", level=logging.INFO)
+            return
+        handle = link.pending.get(message.get("xfer"))
+        if handle is None:
+            if kind in ("DATA", "SENT", "FAILED"):
+                log.warning("kvlink %s: %s for unknown transfer %s from %s", self.name, kind, message.get("xfer"), link.name)
+            return
+        if kind == "FAILED":
+            handle._finish(message["reason"])
+            if link.transport == "host" or not self.on_gpu:
+                link.pending.pop(handle.xfer, None)
+        elif kind == "DATA" and link.transport == "host":
+            self._unpack_host_chunk(link, handle, message["chunk"], frames[1])
+        # SENT: informational; completion is when our unpack is done
+
+    def _unpack_host_chunk(self, link: _Link, handle: TransferHandle, chunk_idx: int, frame) -> None:
+        dst_sel, boxes = handle._dst
+        if chunk_idx != handle._chunks_done or chunk_idx >= len(boxes):
+            handle._finish(f"chunk {chunk_idx} arrived out of order (expected {handle._chunks_done})")
+            return
+        box = boxes[chunk_idx]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only ZeroMQ buffer: unpack only reads it
+            chunk = torch.from_numpy(np.frombuffer(frame.buffer, dtype=np.uint8))
+        try:
+            if self.on_gpu:
+                chunk = chunk.to(self.layout.device)
+            unpack(self.layout, dst_sel.block_ids, dst_sel.num_tokens, chunk, layers=box[:2], tokens=box[2:],
+                   heads=(dst_sel.head_start, dst_sel.head_stop), backend="torch" if not self.on_gpu else "auto")
+            if self.on_gpu:
+                torch.cuda.current_stream(self.device_index).synchronize()
+        except ValueError as exc:
+            handle._finish(f"chunk {chunk_idx} refused: {exc}")
+            link.pending.pop(handle.xfer, None)
+            return
+        handle._chunks_done += 1
+        if handle._chunks_done == len(boxes):
+            handle._finish()
+
+    def _complete_pulls(self) -> None:
+        """Notify prefill of finished pulls (so it frees its blocks) and forget them."""
+        for link in self._links.values():
+            if not link.pending:
+                continue
+            for xfer, handle in list(link.pending.items()):
+                if handle.done():
+                    del link.pending[xfer]
+                    if link.failed is None:
+                        link.socket.send(control.encode("NOTIFY", xfer=xfer, request=handle.request,
+                                                        ok=handle.error is None))
+
+    # ------------------------------------------------------------------ prefill side
+    def _on_router_message(self, frames) -> None:
+        identity = frames[0].bytes
+        try:
+            message = control.decode(frames[1].bytes)
+        except (ProtocolError, IndexError) as exc:
+            log.error("kvlink %s: bad message from peer %r: %s", self.name, identity, exc)
+            return
+        kind = message["type"]
+        if kind == "HELLO":
+            self._on_hello(identity, message)
+            return
+        link = next((l for l in self._links.values() if l.identity == identity), None)
+        if link is None:
+            log.warning("kvlink %s: %s from an unknown peer, ignored", self.name, kind)
+            return
+        link.last_seen = time.monotonic()
+        if kind == "PULL":
+            self._on_pull(link, message)
+        elif kind == "NOTIFY":
+            with self._notify_lock:
+                self._notifications.append((message["request"], message["ok"]))
+        elif kind == "BYE":
+            self._fail_link(link, f"peer closed: {message['reason']}", level=logging.INFO)
+
+    def _on_pull(self, link: _Link, message: dict) -> None:
+        serve = _Serve(xfer=message["xfer"], request=message["request"], src_ids=np.zeros(0, np.int32),
+                       num_tokens=message["num_tokens"], heads=(0, 0), boxes=[], layerwise=message["layerwise"])
+        try:
+            src = control.int_list(message, "src_blocks")
+            heads = tuple(control.int_list(message, "heads", length=2))
+            layers = tuple(control.int_list(message, "layers", length=2))
+            boxes = [tuple(control.int_list({"type": "PULL", "b": b}, "b", length=4)) for b in message["chunks"]]
+            sel = select(self.layout, src, serve.num_tokens, layers=layers, heads=heads)
+            token_layer_bytes = self.layout.num_kv * sel.num_selected_heads * self.layout.row_bytes
+            for box in boxes:
+                select(self.layout, src, serve.num_tokens, layers=box[:2], tokens=box[2:], heads=heads)
+                if box_payload_bytes(box, token_layer_bytes) > link.chunk_bytes:
+                    raise ValueError(f"chunk {box} exceeds the link's {link.chunk_bytes}-byte chunks")
+            serve.src_ids, serve.heads, serve.boxes = sel.block_ids, heads, boxes
+        except (ValueError, TypeError, ProtocolError) as exc:
+            serve.refused = str(exc)
+            heads = message.get("heads")
+            if isinstance(heads, list) and len(heads) == 2 and all(isinstance(h, int) for h in heads):
+                serve.heads = tuple(heads)
+            # keep NCCL in step: the decode side posted one receive per chunk, so send refused chunks
+            try:
+                serve.boxes = [tuple(b) for b in message["chunks"] if isinstance(b, list) and len(b) == 4]
+            except Exception:
+                serve.boxes = []
+            log.error("kvlink %s: refusing pull %d (request %r) from %s: %s", self.name, serve.xfer, serve.request,
+                      link.name, exc)
+            self._router.send_multipart([link.identity, control.encode("FAILED", xfer=serve.xfer, reason=serve.refused)])
+            if link.transport != "nccl":
+                return
+        link.serves.append(serve)
+
+    def _advance_serves(self) -> None:
+        for link in self._links.values():
+            while link.serves:
+                serve = link.serves[0]
+                if not self._serve_chunks(link, serve):
+                    break  # waiting for layers (layer-wise); later pulls on this link wait behind it
+                link.serves.pop(0)
+                self._ready_layers.pop(serve.request, None)
+                self._router.send_multipart([link.identity, control.encode("SENT", xfer=serve.xfer)])
+
+    def _serve_chunks(self, link: _Link, serve: _Serve) -> bool:
+        """Issue the chunks whose layers are ready; True when every chunk is issued."""
+        ready = self._ready_layers.get(serve.request, {})
+        token_layer_bytes = self.layout.num_kv * (serve.heads[1] - serve.heads[0]) * self.layout.row_bytes
+        while serve.next_chunk < len(serve.boxes):
+            box = serve.boxes[serve.next_chunk]
+            if serve.layerwise and serve.refused is None and any(l not in ready for l in range(box[0], box[1])):
+                return False
+            nbytes = HEADER_BYTES + box_payload_bytes(box, token_layer_bytes) if serve.refused is None else None
+            if link.transport == "nccl":
+                self._send_nccl_chunk(link, serve, box, ready)
+            else:
+                self._send_host_chunk(link, serve, box, nbytes)
+            serve.next_chunk += 1
+        return True
+
+    def _send_nccl_chunk(self, link: _Link, serve: _Serve, box: Box, ready: dict) -> None:
+        slot = self._next_slot()
+        stream = self._pack_stream
+        if slot.free is not None:
+            stream.wait_event(slot.free)
+        if serve.refused is None:
+            for layer in range(box[0], box[1]):
+                if ready.get(layer) is not None:
+                    stream.wait_event(ready[layer])
+            pack(self.layout, serve.src_ids, serve.num_tokens, slot.buffer, layers=box[:2], tokens=box[2:],
+                 heads=serve.heads, stream=stream, max_ctas=self.max_ctas)
+            nbytes = HEADER_BYTES + box_payload_bytes(box, self.layout.num_kv * (serve.heads[1] - serve.heads[0])
+                                                      * self.layout.row_bytes)
+        else:
+            nbytes = self._refused_chunk_bytes(link, serve, box)
+            with torch.cuda.stream(stream):
+                slot.buffer[:HEADER_BYTES].fill_(0)  # no magic: the receiver refuses it and writes nothing
+        packed = torch.cuda.Event()
+        packed.record(stream)
+        link.stream.wait_event(packed)
+        link.comm.send(slot.buffer.data_ptr(), nbytes, link.stream)
+        slot.free = torch.cuda.Event()
+        slot.free.record(link.stream)
+
+    def _refused_chunk_bytes(self, link: _Link, serve: _Serve, box) -> int:
+        """Size the decode side expects for a chunk of a pull we refused (it planned with its own layout)."""
+        remote = link.remote_layout
+        row_bytes = remote["head_dim"] * torch.empty(0, dtype=getattr(torch, remote["dtype"])).element_size()
+        heads = serve.heads[1] - serve.heads[0] if serve.heads[1] > serve.heads[0] else remote["num_heads"]
+        token_layer_bytes = remote["num_kv"] * heads * row_bytes
+        return HEADER_BYTES + min(link.chunk_bytes, box_payload_bytes(tuple(box), token_layer_bytes))
+
+    def _send_host_chunk(self, link: _Link, serve: _Serve, box: Box, nbytes: int | None) -> None:
+        if serve.refused is not None:
+            return
+        chunk = torch.empty(nbytes, dtype=torch.uint8, device=self.layout.device)
+        pack(self.layout, serve.src_ids, serve.num_tokens, chunk, layers=box[:2], tokens=box[2:], heads=serve.heads,
+             backend="torch" if not self.on_gpu else "auto")
+        payload = chunk.cpu().numpy()  # synchronizes a GPU cache: the host transport is the slow path
+        self._router.send_multipart([link.identity, control.encode("DATA", xfer=serve.xfer, chunk=serve.next_chunk),
+                                     payload], copy=False)
+
+    # ------------------------------------------------------------------ liveness and shutdown
+    def _heartbeat(self, now: float) -> None:
+        beat = control.encode("HEARTBEAT")
+        for link in list(self._links.values()):
+            if link.failed:
+                continue
+            try:
+                if link.socket is not None:
+                    link.socket.send(beat, zmq.NOBLOCK)
+                else:
+                    self._router.send_multipart([link.identity, beat], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                self._fail_link(link, f"cannot reach peer: {exc}")
+                continue
+            if now - link.last_seen > self.timeout:
+                self._fail_link(link, f"no message for {now - link.last_seen:.1f} s (timeout {self.timeout:.1f} s)")
+
+    def _fail_link(self, link: _Link, reason: str, level: int = logging.ERROR) -> None:
+        if link.failed:
+            return
+        link.failed = reason
+        log.log(level, "kvlink %s: link to %s down: %s", self.name, link.name, reason)
+        for handle in link.pending.values():
+            handle._finish(f"link failed: {reason}")
+        link.pending.clear()
+        link.serves.clear()
+        if link.comm is not None:
+            link.comm.abort()
+
+    def _shutdown(self) -> None:
+        bye = control.encode("BYE", reason=f"{self.name} closed")
+        for link in self._links.values():
+            try:
+                if link.socket is not None:
+                    link.socket.send(bye, zmq.NOBLOCK)
+                elif self._router is not None:
+                    self._router.send_multipart([link.identity, bye], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            for handle in link.pending.values():
+                handle._finish("endpoint closed")
+            if link.comm is not None:
+                link.comm.abort()  # frees NCCL's memory without waiting on a peer that may be gone
+        self._links.clear()

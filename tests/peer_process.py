@@ -1,0 +1,69 @@
+"""A prefill endpoint in its own process, driven over a pipe (tests and the benchmark's CPU twin).
+
+The cache is filled from a seed, so the test process rebuilds the same bytes to verify against
+without any copy crossing the processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+
+import torch
+
+
+def build_cache(preset: str, seed: int, shape: dict, device: str = "cpu"):
+    from engine_access import random_fill
+    from kvlink import presets
+
+    return presets.allocate(preset, device=device, fill=random_fill(torch.Generator().manual_seed(seed)), **shape)
+
+
+def prefill_main(conn, preset: str, seed: int, shape: dict, endpoint_kwargs: dict) -> None:
+    """Serve pulls until told to stop; answer layer_ready and finished_sends commands."""
+    import kvlink
+
+    logging.basicConfig(level=logging.INFO, format="prefill %(levelname)s %(message)s")
+    _, layout = build_cache(preset, seed, shape)
+    with kvlink.Endpoint(layout, name="prefill", **endpoint_kwargs) as endpoint:
+        conn.send(endpoint.address)
+        while True:
+            if not conn.poll(60):
+                return  # the test process is gone
+            command, *args = conn.recv()
+            if command == "stop":
+                return
+            if command == "layer_ready":
+                request, layers = args
+                for layer in layers:
+                    endpoint.layer_ready(request, layer)
+                conn.send(True)
+            elif command == "finished_sends":
+                conn.send(endpoint.finished_sends())
+
+
+class PrefillProcess:
+    def __init__(self, preset: str, seed: int, shape: dict, **endpoint_kwargs):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=prefill_main, args=(child, preset, seed, shape, endpoint_kwargs), daemon=True)
+        self.process.start()
+        if not self.conn.poll(60):
+            self.process.kill()
+            raise TimeoutError("prefill process did not start")
+        self.address = self.conn.recv()
+
+    def call(self, *command, timeout: float = 30):
+        self.conn.send(command)
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"prefill process: no answer to {command[0]}")
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(("stop",))
+        except (BrokenPipeError, OSError):
+            pass
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.kill()
