@@ -571,7 +571,7 @@ class Endpoint:
             return
         handle = link.pending.get(message.get("xfer"))
         if handle is None:
-            if kind in ("DATA", "SENT", "FAILED"):
+            if kind in ("DATA", "FAILED"):  # a SENT may trail the transfer's completion
                 log.warning("kvlink %s: %s for unknown transfer %s from %s", self.name, kind, message.get("xfer"), link.name)
             return
         if kind == "FAILED":

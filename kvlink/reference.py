@@ -8,6 +8,7 @@ trust their Selection.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kvlink.selection import HEADER_BYTES, Selection
@@ -30,10 +31,35 @@ def _byte_plane(sel: Selection, plane_idx: int) -> torch.Tensor:
     return plane.view(torch.uint8) if plane.dtype != torch.uint8 else plane
 
 
+def _numpy_planes(sel: Selection) -> list[np.ndarray]:
+    """Byte views of a CPU layout's planes as numpy arrays (made once; numpy indexing costs a few us, torch's tens)."""
+    layout = sel.layout
+    planes = layout.__dict__.get("_numpy_planes")
+    if planes is None:
+        planes = [_byte_plane(sel, i).numpy() for i in range(layout.num_planes)]
+        object.__setattr__(layout, "_numpy_planes", planes)
+    return planes
+
+
+def _numpy_positions(sel: Selection) -> tuple[np.ndarray, np.ndarray]:
+    token_idx = np.arange(sel.token_start, sel.token_stop)
+    return sel.block_ids[token_idx // sel.layout.block_size], token_idx % sel.layout.block_size
+
+
 def pack_reference(sel: Selection, chunk: torch.Tensor) -> None:
     """Write ``sel``'s header and payload into ``chunk`` (uint8, at least ``sel.chunk_bytes``)."""
-    header = torch.frombuffer(bytearray(ChunkHeader.for_selection(sel).to_bytes()), dtype=torch.uint8)
-    chunk[:HEADER_BYTES].copy_(header)
+    header = ChunkHeader.for_selection(sel).to_bytes()
+    if chunk.device.type == "cpu":
+        out = chunk.numpy()
+        out[:HEADER_BYTES] = np.frombuffer(header, dtype=np.uint8)
+        payload = out[HEADER_BYTES: sel.chunk_bytes].reshape(sel.num_planes, sel.num_selected_tokens,
+                                                             sel.num_selected_heads, sel.layout.row_bytes)
+        blocks, offsets = _numpy_positions(sel)
+        planes = _numpy_planes(sel)
+        for i in range(sel.num_planes):
+            payload[i] = planes[sel.first_plane + i][blocks, offsets, sel.head_start: sel.head_stop]
+        return
+    chunk[:HEADER_BYTES].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
     blocks, offsets = _token_positions(sel)
     payload = chunk[HEADER_BYTES: sel.chunk_bytes].view(sel.num_planes, sel.num_selected_tokens,
                                                         sel.num_selected_heads, sel.layout.row_bytes)
@@ -47,6 +73,14 @@ def unpack_reference(sel: Selection, chunk: torch.Tensor, *, check_header: bool 
     if check_header:
         received = ChunkHeader.from_bytes(chunk[:HEADER_BYTES].cpu().numpy().tobytes())
         received.check_matches(ChunkHeader.for_selection(sel))
+    if chunk.device.type == "cpu":
+        payload = chunk.numpy()[HEADER_BYTES: sel.chunk_bytes].reshape(
+            sel.num_planes, sel.num_selected_tokens, sel.num_selected_heads, sel.layout.row_bytes)
+        blocks, offsets = _numpy_positions(sel)
+        planes = _numpy_planes(sel)
+        for i in range(sel.num_planes):
+            planes[sel.first_plane + i][blocks, offsets, sel.head_start: sel.head_stop] = payload[i]
+        return
     blocks, offsets = _token_positions(sel)
     payload = chunk[HEADER_BYTES: sel.chunk_bytes].view(sel.num_planes, sel.num_selected_tokens,
                                                         sel.num_selected_heads, sel.layout.row_bytes)
