@@ -81,7 +81,7 @@ class TransferHandle:
         self.layerwise = layerwise
         self.stats = TransferStats()
         self.error: TransferError | None = None
-        self.event: torch.cuda.Event | None = None
+        self._event: torch.cuda.Event | None = None
         self._layer_events: dict[int, torch.cuda.Event] = {}
         self._num_layers = num_layers
         self._started = time.perf_counter()
@@ -90,6 +90,17 @@ class TransferHandle:
         self._lock = threading.Lock()
         self._status_host: torch.Tensor | None = None  # pinned copy of the unpack status word
         self._on_finish = None
+
+    @property
+    def event(self) -> torch.cuda.Event | None:
+        """CUDA event recorded after the last unpack (GPU caches; None on the host path).
+
+        ``torch.cuda.current_stream().wait_event(handle.event)`` orders the engine's work after
+        the transfer without blocking the host.
+        """
+        if not self._enqueued.wait(DEFAULT_TIMEOUT):
+            raise TimeoutError(f"request {self.request!r} from {self.peer}: transfer was never started")
+        return self._event
 
     def layer_event(self, layer: int) -> torch.cuda.Event:
         """CUDA event recorded once ``layer`` is in the destination blocks (layer-wise pulls on GPU)."""
@@ -102,7 +113,7 @@ class TransferHandle:
     def done(self) -> bool:
         if self._finished.is_set():
             return True
-        event = self.event
+        event = self._event
         if event is not None and self._enqueued.is_set() and event.query():
             self._finish()
         return self._finished.is_set()
@@ -354,6 +365,8 @@ class Endpoint:
 
     # ================================================================== progress thread
     def _run(self) -> None:
+        if self.on_gpu:
+            torch.cuda.set_device(self.device_index)  # the current device is per thread
         poller = zmq.Poller()
         poller.register(self._wake_recv, zmq.POLLIN)
         if self._router is not None:
@@ -554,7 +567,7 @@ class Endpoint:
             handle._status_host.copy_(status, non_blocking=True)
         done = torch.cuda.Event()
         done.record(unpack_stream)
-        handle.event = done
+        handle._event = done
 
     def _on_dealer_message(self, link: _Link, frames) -> None:
         link.last_seen = time.monotonic()

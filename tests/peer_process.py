@@ -19,12 +19,14 @@ def build_cache(preset: str, seed: int, shape: dict, device: str = "cpu"):
     return presets.allocate(preset, device=device, fill=random_fill(torch.Generator().manual_seed(seed)), **shape)
 
 
-def prefill_main(conn, preset: str, seed: int, shape: dict, endpoint_kwargs: dict) -> None:
+def prefill_main(conn, preset: str, seed: int, shape: dict, device: str, endpoint_kwargs: dict) -> None:
     """Serve pulls until told to stop; answer layer_ready and finished_sends commands."""
     import kvlink
 
     logging.basicConfig(level=logging.INFO, format="prefill %(levelname)s %(message)s")
-    _, layout = build_cache(preset, seed, shape)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    _, layout = build_cache(preset, seed, shape, device)
     with kvlink.Endpoint(layout, name="prefill", **endpoint_kwargs) as endpoint:
         conn.send(endpoint.address)
         while True:
@@ -43,10 +45,11 @@ def prefill_main(conn, preset: str, seed: int, shape: dict, endpoint_kwargs: dic
 
 
 class PrefillProcess:
-    def __init__(self, preset: str, seed: int, shape: dict, **endpoint_kwargs):
+    def __init__(self, preset: str, seed: int, shape: dict, device: str = "cpu", **endpoint_kwargs):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=prefill_main, args=(child, preset, seed, shape, endpoint_kwargs), daemon=True)
+        self.process = ctx.Process(target=prefill_main, args=(child, preset, seed, shape, device, endpoint_kwargs),
+                                   daemon=True)
         self.process.start()
         if not self.conn.poll(60):
             self.process.kill()
