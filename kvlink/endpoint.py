@@ -121,13 +121,17 @@ class TransferHandle:
     def wait(self, timeout: float | None = None) -> "TransferHandle":
         """Block until done; raise the transfer's error, or TimeoutError naming request and peer."""
         timeout = DEFAULT_TIMEOUT if timeout is None else timeout
-        deadline = time.perf_counter() + timeout
-        pause = 2e-6
+        start = time.perf_counter()
         while not self.done():
-            if time.perf_counter() > deadline:
+            waited = time.perf_counter() - start
+            if waited > timeout:
                 raise TimeoutError(f"request {self.request!r} from {self.peer}: not done after {timeout:.1f} s")
-            self._finished.wait(pause)
-            pause = min(pause * 2, 1e-3)
+            # NOTE: completion is a CUDA event, which cannot be waited on with a timeout: poll it,
+            # yielding only for the first 2 ms (small transfers end within that), then sleep 1 ms.
+            if waited < 2e-3:
+                time.sleep(0)
+            else:
+                self._finished.wait(1e-3)
         if self.error is not None:
             raise self.error
         return self
@@ -542,7 +546,8 @@ class Endpoint:
 
     def _post_receives(self, link: _Link, handle: TransferHandle, dst_sel, boxes) -> None:
         layout, stream, unpack_stream = self.layout, link.stream, self._unpack_stream
-        status = torch.zeros(1, dtype=torch.int32, device=layout.device)
+        with torch.cuda.stream(unpack_stream):  # zeroed on the stream that later reads it
+            status = torch.zeros(1, dtype=torch.int32, device=layout.device)
         dst_heads = (dst_sel.head_start, dst_sel.head_stop)
         token_layer_bytes = layout.num_kv * dst_sel.num_selected_heads * layout.row_bytes
         for box in boxes:
