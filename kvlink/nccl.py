@@ -50,7 +50,8 @@ def apply_defaults() -> dict[str, str]:
 def unique_id() -> bytes:
     from cupy.cuda import nccl
 
-    return bytes(b & 0xFF for b in nccl.get_unique_id())
+    uid = nccl.get_unique_id()  # bytes in CuPy 14, a tuple of signed chars before
+    return bytes(uid) if isinstance(uid, (bytes, bytearray)) else bytes(b & 0xFF for b in uid)
 
 
 class Communicator:
@@ -66,13 +67,17 @@ class Communicator:
         apply_defaults()
         self.rank, self.peer_rank, self.device_index, self.peer = rank, 1 - rank, device_index, peer
         result: dict = {}
-        id_tuple = tuple(b - 256 if b > 127 else b for b in nccl_id)  # cupy wants signed chars
+        # CuPy 14 takes the id as bytes; older CuPy as a tuple of signed chars
+        id_tuple = tuple(b - 256 if b > 127 else b for b in nccl_id)
 
         def init():
             try:
                 import cupy
                 with cupy.cuda.Device(device_index):
-                    result["comm"] = nccl.NcclCommunicator(2, id_tuple, rank)
+                    try:
+                        result["comm"] = nccl.NcclCommunicator(2, bytes(nccl_id), rank)
+                    except TypeError:
+                        result["comm"] = nccl.NcclCommunicator(2, id_tuple, rank)
             except Exception as exc:  # reported to the caller below
                 result["error"] = exc
 
