@@ -20,6 +20,7 @@ an nccl-tests-style table, and writes ``--json`` records and a ``--plot`` PNG.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import multiprocessing as mp
@@ -173,6 +174,7 @@ def scatter_torch(layout, block_ids: torch.Tensor, data: torch.Tensor) -> None:
 
 # ------------------------------------------------------------------------------------- prefill
 def prefill_main(args, backend: str, conn, results) -> None:
+    faulthandler.dump_traceback_later(120, repeat=True)  # a stuck run shows where
     logging.basicConfig(level=logging.INFO, format="[prefill] %(message)s", stream=sys.stderr)
     import kvlink
     device = "cuda:0" if backend == "nccl" else "cpu"
@@ -245,6 +247,7 @@ class Recorder:
 
 
 def decode_main(args, backend: str, conn, results) -> None:
+    faulthandler.dump_traceback_later(120, repeat=True)
     logging.basicConfig(level=logging.INFO, format="[decode]  %(message)s", stream=sys.stderr)
     import kvlink
     device = "cuda:1" if backend == "nccl" else "cpu"
@@ -256,12 +259,6 @@ def decode_main(args, backend: str, conn, results) -> None:
         dst_engine, layout = build_cache(args, args.seed + 1, device)
         rng = torch.Generator().manual_seed(args.seed + 2)
         kind, address = conn.recv()
-        free_before = torch.cuda.mem_get_info(1)[0] if backend == "nccl" else 0
-        reserved_before = torch.cuda.memory_reserved(1) if backend == "nccl" else 0
-        chunk_bytes = args.chunk_mb * MiB if args.chunk_mb else None
-        endpoint = kvlink.Endpoint(layout, name="decode", listen=None, transport=backend, chunk_bytes=chunk_bytes,
-                                   timeout=args.timeout, max_ctas=args.max_ctas)
-        peer = endpoint.connect(address)
         token_bytes = layout.bytes_per_token
 
         def blocks(num_tokens):
@@ -278,6 +275,78 @@ def decode_main(args, backend: str, conn, results) -> None:
             got, want = packed(layout, dst_ids, num_tokens), packed(mirror, src_ids, num_tokens)
             sync(device)
             return int((got != want).sum().item())
+
+        # ---- baselines first: their communicator exists before kvlink memory is measured
+        print("phase: baselines", file=sys.stderr, flush=True)
+        if {"raw", "naive"} & set(args.methods):
+            if backend == "nccl":
+                from kvlink import nccl as nccl_module
+                setup = nccl_module.unique_id()
+            else:
+                import socket as pysocket
+                s = pysocket.socket()
+                s.bind(("127.0.0.1", 0))
+                setup = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+                s.close()
+            conn.send(("raw_setup", setup))
+            raw = RawLink(backend, device, 1, setup, args.timeout)
+            conn.recv()
+        if "raw" in args.methods:
+            sizes = [(num_tokens, num_tokens * token_bytes) for num_tokens in args.tokens]
+            concurrent_tokens = args.concurrent * args.concurrent_tokens
+            if args.concurrent and concurrent_tokens not in args.tokens:
+                sizes.append((concurrent_tokens, concurrent_tokens * token_bytes))
+            for num_tokens, nbytes in sizes:
+                buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+                expected = pattern(nbytes, args.seed + num_tokens, device)
+                conn.send(("raw", nbytes, args.warmup + args.iters, args.seed + num_tokens))
+                times, wrong = [], 0
+                for i in range(args.warmup + args.iters):
+                    buffer.fill_(0)
+                    sync(device)
+                    conn.recv()  # the sender has posted
+                    t0 = time.perf_counter()
+                    raw.recv(buffer)
+                    raw.finish()
+                    elapsed = time.perf_counter() - t0
+                    conn.send(("next",))
+                    if i >= args.warmup:
+                        times.append(elapsed)
+                    wrong += int((buffer != expected).sum().item())
+                t = statistics.median(times)
+                recorder.add(method="raw", tokens=num_tokens, bytes=nbytes, time_us=t * 1e6, GBps=nbytes / t / 1e9,
+                             verified=wrong == 0, wrong_bytes=wrong)
+        if "naive" in args.methods:
+            for num_tokens in args.tokens:
+                whole = -(-num_tokens // layout.block_size) * layout.block_size  # torch gathers whole blocks
+                lists = [blocks(num_tokens) for _ in range(args.warmup + args.iters)]
+                conn.send(("naive", [s.tolist() for s, _ in lists], num_tokens))
+                nbytes = whole * token_bytes
+                buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+                times, wrong = [], 0
+                for i, (src, dst) in enumerate(lists):
+                    dst_t = dst.to(device)
+                    sync(device)
+                    t0 = time.perf_counter()
+                    conn.send(("go",))
+                    raw.recv(buffer)
+                    raw.finish()
+                    scatter_torch(layout, dst_t, buffer)
+                    sync(device)
+                    elapsed = time.perf_counter() - t0
+                    if i >= args.warmup:
+                        times.append(elapsed)
+                    wrong += wrong_bytes(src, dst, num_tokens)
+                t = statistics.median(times)
+                recorder.add(method="naive", tokens=num_tokens, bytes=num_tokens * token_bytes, time_us=t * 1e6,
+                             GBps=num_tokens * token_bytes / t / 1e9, verified=wrong == 0, wrong_bytes=wrong)
+        print("phase: kvlink", file=sys.stderr, flush=True)
+        free_before = torch.cuda.mem_get_info(1)[0] if backend == "nccl" else 0
+        reserved_before = torch.cuda.memory_reserved(1) if backend == "nccl" else 0
+        chunk_bytes = args.chunk_mb * MiB if args.chunk_mb else None
+        endpoint = kvlink.Endpoint(layout, name="decode", listen=None, transport=backend, chunk_bytes=chunk_bytes,
+                                   timeout=args.timeout, max_ctas=args.max_ctas)
+        peer = endpoint.connect(address)
 
         # ---- kvlink, one request at a time
         if "kvlink" in args.methods:
@@ -351,69 +420,6 @@ def decode_main(args, backend: str, conn, results) -> None:
                     "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
                 }))
 
-        # ---- baselines
-        if {"raw", "naive"} & set(args.methods):
-            if backend == "nccl":
-                from kvlink import nccl as nccl_module
-                setup = nccl_module.unique_id()
-            else:
-                import socket as pysocket
-                s = pysocket.socket()
-                s.bind(("127.0.0.1", 0))
-                setup = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-                s.close()
-            conn.send(("raw_setup", setup))
-            raw = RawLink(backend, device, 1, setup, args.timeout)
-            conn.recv()
-        if "raw" in args.methods:
-            sizes = [(num_tokens, num_tokens * token_bytes) for num_tokens in args.tokens]
-            concurrent_tokens = args.concurrent * args.concurrent_tokens
-            if args.concurrent and concurrent_tokens not in args.tokens:
-                sizes.append((concurrent_tokens, concurrent_tokens * token_bytes))
-            for num_tokens, nbytes in sizes:
-                buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
-                expected = pattern(nbytes, args.seed + num_tokens, device)
-                conn.send(("raw", nbytes, args.warmup + args.iters, args.seed + num_tokens))
-                times, wrong = [], 0
-                for i in range(args.warmup + args.iters):
-                    buffer.fill_(0)
-                    sync(device)
-                    conn.recv()  # the sender has posted
-                    t0 = time.perf_counter()
-                    raw.recv(buffer)
-                    raw.finish()
-                    elapsed = time.perf_counter() - t0
-                    conn.send(("next",))
-                    if i >= args.warmup:
-                        times.append(elapsed)
-                    wrong += int((buffer != expected).sum().item())
-                t = statistics.median(times)
-                recorder.add(method="raw", tokens=num_tokens, bytes=nbytes, time_us=t * 1e6, GBps=nbytes / t / 1e9,
-                             verified=wrong == 0, wrong_bytes=wrong)
-        if "naive" in args.methods:
-            for num_tokens in args.tokens:
-                whole = -(-num_tokens // layout.block_size) * layout.block_size  # torch gathers whole blocks
-                lists = [blocks(num_tokens) for _ in range(args.warmup + args.iters)]
-                conn.send(("naive", [s.tolist() for s, _ in lists], num_tokens))
-                nbytes = whole * token_bytes
-                buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
-                times, wrong = [], 0
-                for i, (src, dst) in enumerate(lists):
-                    dst_t = dst.to(device)
-                    sync(device)
-                    t0 = time.perf_counter()
-                    conn.send(("go",))
-                    raw.recv(buffer)
-                    raw.finish()
-                    scatter_torch(layout, dst_t, buffer)
-                    sync(device)
-                    elapsed = time.perf_counter() - t0
-                    if i >= args.warmup:
-                        times.append(elapsed)
-                    wrong += wrong_bytes(src, dst, num_tokens)
-                t = statistics.median(times)
-                recorder.add(method="naive", tokens=num_tokens, bytes=num_tokens * token_bytes, time_us=t * 1e6,
-                             GBps=num_tokens * token_bytes / t / 1e9, verified=wrong == 0, wrong_bytes=wrong)
         conn.send(("stop",))
         endpoint.close()
         results.put(("done", "decode"))

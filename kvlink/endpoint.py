@@ -40,7 +40,7 @@ import zmq
 from kvlink import control, nccl
 from kvlink.control import ProtocolError
 from kvlink.layout import CacheLayout, check_compatible
-from kvlink.pack import pack, prepare, unpack
+from kvlink.pack import _resolve_backend, pack_selection, prepare, unpack_selection
 from kvlink.plan import Box, box_payload_bytes, plan_chunks
 from kvlink.selection import HEADER_BYTES, block_ids_to_numpy, select
 from kvlink.wire import STATUS_OK
@@ -89,6 +89,7 @@ class TransferHandle:
         self._finished = threading.Event()
         self._lock = threading.Lock()
         self._status_host: torch.Tensor | None = None  # pinned copy of the unpack status word
+        self._refused_at: float | None = None  # when the GPU reported a refused chunk (waiting for the reason)
         self._on_finish = None
 
     @property
@@ -115,6 +116,12 @@ class TransferHandle:
             return True
         event = self._event
         if event is not None and self._enqueued.is_set() and event.query():
+            if self._status_host is not None and int(self._status_host[0]) != STATUS_OK:
+                # the sender refused the pull: its FAILED message names the reason; give it a moment
+                now = time.perf_counter()
+                self._refused_at = self._refused_at or now
+                if now - self._refused_at < 1.0:
+                    return False
             self._finish()
         return self._finished.is_set()
 
@@ -179,11 +186,11 @@ class _Link:
 class _Serve:
     xfer: int
     request: str
-    src_ids: np.ndarray
     num_tokens: int
     heads: tuple[int, int]
     boxes: list[Box]
     layerwise: bool
+    sel: object = None            # the validated Selection of the whole pull
     refused: str | None = None
     next_chunk: int = 0
 
@@ -226,6 +233,7 @@ class Endpoint:
         self.timeout = float(timeout)
         self.heartbeat = float(heartbeat)
         self.max_ctas = max_ctas if max_ctas is not None else int(os.environ.get("KVLINK_MAX_CTAS", "64"))
+        self._backend = _resolve_backend(layout, "auto")  # CUDA kernels for a GPU cache when CuPy is here
         self._links: dict[str, _Link] = {}
         self._xfer_ids = itertools.count(1)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -548,7 +556,6 @@ class Endpoint:
         layout, stream, unpack_stream = self.layout, link.stream, self._unpack_stream
         with torch.cuda.stream(unpack_stream):  # zeroed on the stream that later reads it
             status = torch.zeros(1, dtype=torch.int32, device=layout.device)
-        dst_heads = (dst_sel.head_start, dst_sel.head_stop)
         token_layer_bytes = layout.num_kv * dst_sel.num_selected_heads * layout.row_bytes
         for box in boxes:
             nbytes = HEADER_BYTES + box_payload_bytes(box, token_layer_bytes)
@@ -559,8 +566,8 @@ class Endpoint:
             received = torch.cuda.Event()
             received.record(stream)
             unpack_stream.wait_event(received)
-            unpack(layout, dst_sel.block_ids, dst_sel.num_tokens, slot.buffer[:nbytes], layers=box[:2],
-                   tokens=box[2:], heads=dst_heads, stream=unpack_stream, status=status, max_ctas=self.max_ctas)
+            unpack_selection(dst_sel.box(box[:2], box[2:]), slot.buffer[:nbytes], unpack_stream, self._backend,
+                             self.max_ctas, status)
             slot.free = torch.cuda.Event()
             slot.free.record(unpack_stream)
             if handle.layerwise and box[3] == dst_sel.num_tokens:
@@ -593,8 +600,8 @@ class Endpoint:
                 log.warning("kvlink %s: %s for unknown transfer %s from %s", self.name, kind, message.get("xfer"), link.name)
             return
         if kind == "FAILED":
-            handle._finish(message["reason"])
-            if link.transport == "host" or not self.on_gpu:
+            handle._finish(f"refused by {link.name}: {message['reason']}")
+            if link.transport == "host":
                 link.pending.pop(handle.xfer, None)
         elif kind == "DATA" and link.transport == "host":
             self._unpack_host_chunk(link, handle, message["chunk"], frames[1])
@@ -612,10 +619,15 @@ class Endpoint:
         try:
             if self.on_gpu:
                 chunk = chunk.to(self.layout.device)
-            unpack(self.layout, dst_sel.block_ids, dst_sel.num_tokens, chunk, layers=box[:2], tokens=box[2:],
-                   heads=(dst_sel.head_start, dst_sel.head_stop), backend="torch" if not self.on_gpu else "auto")
+            token_layer_bytes = self.layout.num_kv * dst_sel.num_selected_heads * self.layout.row_bytes
+            if chunk.numel() < HEADER_BYTES + box_payload_bytes(box, token_layer_bytes):
+                raise ValueError(f"chunk {chunk_idx} holds {chunk.numel()} bytes, fewer than its box needs")
+            stream = torch.cuda.current_stream(self.device_index) if self.on_gpu else None
+            status = unpack_selection(dst_sel.box(box[:2], box[2:]), chunk, stream, self._backend, self.max_ctas)
             if self.on_gpu:
-                torch.cuda.current_stream(self.device_index).synchronize()
+                stream.synchronize()
+                if int(status.item()) != STATUS_OK:
+                    raise ValueError("header mismatch")
         except ValueError as exc:
             handle._finish(f"chunk {chunk_idx} refused: {exc}")
             link.pending.pop(handle.xfer, None)
@@ -662,8 +674,8 @@ class Endpoint:
             self._fail_link(link, f"peer closed: {message['reason']}", level=logging.INFO)
 
     def _on_pull(self, link: _Link, message: dict) -> None:
-        serve = _Serve(xfer=message["xfer"], request=message["request"], src_ids=np.zeros(0, np.int32),
-                       num_tokens=message["num_tokens"], heads=(0, 0), boxes=[], layerwise=message["layerwise"])
+        serve = _Serve(xfer=message["xfer"], request=message["request"], num_tokens=message["num_tokens"],
+                       heads=(0, 0), boxes=[], layerwise=message["layerwise"])
         try:
             src = control.int_list(message, "src_blocks")
             heads = tuple(control.int_list(message, "heads", length=2))
@@ -672,10 +684,11 @@ class Endpoint:
             sel = select(self.layout, src, serve.num_tokens, layers=layers, heads=heads)
             token_layer_bytes = self.layout.num_kv * sel.num_selected_heads * self.layout.row_bytes
             for box in boxes:
-                select(self.layout, src, serve.num_tokens, layers=box[:2], tokens=box[2:], heads=heads)
+                if not (layers[0] <= box[0] < box[1] <= layers[1] and 0 <= box[2] < box[3] <= serve.num_tokens):
+                    raise ValueError(f"chunk {box} lies outside layers {layers} x tokens [0, {serve.num_tokens})")
                 if box_payload_bytes(box, token_layer_bytes) > link.chunk_bytes:
                     raise ValueError(f"chunk {box} exceeds the link's {link.chunk_bytes}-byte chunks")
-            serve.src_ids, serve.heads, serve.boxes = sel.block_ids, heads, boxes
+            serve.sel, serve.heads, serve.boxes = sel, heads, boxes
         except (ValueError, TypeError, ProtocolError) as exc:
             serve.refused = str(exc)
             heads = message.get("heads")
@@ -728,8 +741,7 @@ class Endpoint:
             for layer in range(box[0], box[1]):
                 if ready.get(layer) is not None:
                     stream.wait_event(ready[layer])
-            pack(self.layout, serve.src_ids, serve.num_tokens, slot.buffer, layers=box[:2], tokens=box[2:],
-                 heads=serve.heads, stream=stream, max_ctas=self.max_ctas)
+            pack_selection(serve.sel.box(box[:2], box[2:]), slot.buffer, stream, self._backend, self.max_ctas)
             nbytes = HEADER_BYTES + box_payload_bytes(box, self.layout.num_kv * (serve.heads[1] - serve.heads[0])
                                                       * self.layout.row_bytes)
         else:
@@ -755,8 +767,8 @@ class Endpoint:
         if serve.refused is not None:
             return
         chunk = torch.empty(nbytes, dtype=torch.uint8, device=self.layout.device)
-        pack(self.layout, serve.src_ids, serve.num_tokens, chunk, layers=box[:2], tokens=box[2:], heads=serve.heads,
-             backend="torch" if not self.on_gpu else "auto")
+        stream = torch.cuda.current_stream(self.device_index) if self.on_gpu else None
+        pack_selection(serve.sel.box(box[:2], box[2:]), chunk, stream, self._backend, self.max_ctas)
         payload = chunk.cpu().numpy()  # synchronizes a GPU cache: the host transport is the slow path
         self._router.send_multipart([link.identity, control.encode("DATA", xfer=serve.xfer, chunk=serve.next_chunk),
                                      payload], copy=False)

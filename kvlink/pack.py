@@ -119,8 +119,11 @@ def pack(
     """
     sel = select(layout, block_ids, num_tokens, layers=layers, tokens=tokens, heads=heads)
     _check_chunk("chunk", chunk, sel)
-    backend = _resolve_backend(layout, backend)
-    stream = _resolve_stream(layout, stream)
+    return pack_selection(sel, chunk, _resolve_stream(layout, stream), _resolve_backend(layout, backend), max_ctas)
+
+
+def pack_selection(sel: Selection, chunk: torch.Tensor, stream, backend: str, max_ctas: int | None = None) -> ChunkHeader:
+    """pack() after validation: for callers (the endpoint) that validated the request once for all its chunks."""
     header = ChunkHeader.for_selection(sel)
     if backend == "cuda":
         kernels.launch("pack", sel, chunk, stream, header.to_bytes(), max_ctas=max_ctas)
@@ -166,6 +169,13 @@ def unpack(
             raise TypeError("status must be an int32 tensor with at least one element")
         if status.device != layout.device:
             raise ValueError(f"status is on {status.device} but the cache is on {layout.device}")
+    return unpack_selection(sel, chunk, stream, backend, max_ctas, status)
+
+
+def unpack_selection(sel: Selection, chunk: torch.Tensor, stream, backend: str, max_ctas: int | None = None,
+                     status: torch.Tensor | None = None) -> torch.Tensor:
+    """unpack() after validation (see :func:`pack_selection`)."""
+    layout = sel.layout
     if backend == "cuda":
         header = ChunkHeader.for_selection(sel).to_bytes()
         return kernels.launch("unpack", sel, chunk, stream, header, status=status, max_ctas=max_ctas)

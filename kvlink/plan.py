@@ -6,7 +6,8 @@ side makes the plan and sends it in its PULL, so both sides cut the same boxes.
 
 Sizes ramp: the first chunk is small so the wire starts early (pipeline fill), chunks double up
 to ``chunk_bytes``, and the last ones halve so little is left to unpack after the last byte
-lands (pipeline drain). A small request is one chunk and pays for no pipeline at all.
+lands (pipeline drain). A request of at most two chunks is cut in one or two equal chunks: it
+pays for no pipeline at all.
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ def plan_chunks(layers: tuple[int, int], num_tokens: int, token_layer_bytes: int
     capacity = chunk_bytes
     if capacity < token_layer_bytes:
         raise ValueError(f"chunk_bytes={chunk_bytes} cannot hold one token of one layer ({token_layer_bytes} bytes)")
-    edge = max(token_layer_bytes, min(capacity, first_chunk_bytes or capacity // 8))
     layer_bytes = num_tokens * token_layer_bytes
     remaining = (layers[1] - layers[0]) * layer_bytes
+    if not layerwise and remaining <= 2 * capacity:
+        # small enough that a ramp would only add chunks: one or two equal chunks
+        first_chunk_bytes = capacity if remaining <= capacity else -(-remaining // 2)
+    edge = max(token_layer_bytes, min(capacity, first_chunk_bytes or capacity // 4))
     boxes: list[Box] = []
     layer, token = layers[0], 0
     budget = edge

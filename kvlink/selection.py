@@ -10,6 +10,7 @@ destination's own blocks.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from numbers import Integral
 
@@ -34,6 +35,11 @@ class Selection:
     token_stop: int
     head_start: int
     head_stop: int
+
+    def box(self, layers: tuple[int, int], tokens: tuple[int, int]) -> "Selection":
+        """The same request restricted to a sub-box, without validating again (callers check the bounds)."""
+        return dataclasses.replace(self, layer_start=layers[0], layer_stop=layers[1],
+                                   token_start=tokens[0], token_stop=tokens[1])
 
     @property
     def num_layers(self) -> int:
