@@ -196,6 +196,10 @@ def prefill_main(args, backend: str, conn, results) -> None:
             if command == "raw_setup":
                 raw = RawLink(backend, device, 0, rest[0], args.timeout)
                 conn.send(("ok",))
+                # NOTE: NCCL connects a peer pair lazily inside the first send/recv, and that call
+                # blocks until the other side posts its match: warm up before "posted first" timing.
+                raw.send(torch.zeros(1, dtype=torch.uint8, device=device))
+                raw.finish()
             elif command == "raw":
                 nbytes, iters, seed = rest
                 buffer = pattern(nbytes, seed, device)
@@ -291,6 +295,8 @@ def decode_main(args, backend: str, conn, results) -> None:
             conn.send(("raw_setup", setup))
             raw = RawLink(backend, device, 1, setup, args.timeout)
             conn.recv()
+            raw.recv(torch.empty(1, dtype=torch.uint8, device=device))  # the connection warm-up
+            raw.finish()
         if "raw" in args.methods:
             sizes = [(num_tokens, num_tokens * token_bytes) for num_tokens in args.tokens]
             concurrent_tokens = args.concurrent * args.concurrent_tokens
