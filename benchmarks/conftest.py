@@ -20,7 +20,7 @@ def pytest_terminal_summary(terminalreporter):
         return
     tr = terminalreporter
     tr.section("kvlink benchmark summary")
-    tr.write_line(f"{'case':<44} {'bytes r+w':>12} {'time(us)':>10} {'GB/s':>9} {'vs copy':>8} {'verified':>8}")
+    tr.write_line(f"{'case':<44} {'bytes r+w':>12} {'time(us)':>10} {'GB/s':>9} {'vs base':>8} {'verified':>8}")
     for row in RESULTS:
         tr.write_line(f"{row['case']:<44} {row.get('bytes', 0):>12} {row['time_us']:>10.2f} "
                       f"{row.get('GBps', 0):>9.1f} {row.get('vs_copy', float('nan')):>8.3f} {str(row.get('verified', '')):>8}")

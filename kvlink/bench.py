@@ -275,7 +275,12 @@ def decode_main(args, backend: str, conn, results) -> None:
             kvlink.pack(cache_layout, ids, num_tokens, chunk)
             return chunk[kvlink.HEADER_BYTES:]
 
+        corrupt = [os.environ.get("KVLINK_BENCH_INJECT_CORRUPTION") == "1"]  # test hook: proves the check fails
+
         def wrong_bytes(src_ids, dst_ids, num_tokens) -> int:
+            if corrupt[0]:
+                corrupt[0] = False
+                layout.planes[0][int(dst_ids[0]), 0, 0].view(torch.uint8)[0] ^= 0xFF
             got, want = packed(layout, dst_ids, num_tokens), packed(mirror, src_ids, num_tokens)
             sync(device)
             return int((got != want).sum().item())

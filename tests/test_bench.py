@@ -1,0 +1,43 @@
+"""`python -m kvlink.bench --backend host` runs end to end on the CPU, verifies every byte, and fails on a wrong one."""
+
+import json
+import os
+import subprocess
+import sys
+
+SMALL = ["--backend", "host", "--layers", "2", "--kv-heads", "2", "--head-dim", "32", "--num-blocks", "128",
+         "--tokens", "16", "100", "--iters", "2", "--warmup", "1", "--concurrent", "4", "--concurrent-tokens", "32"]
+
+
+def run_bench(tmp_path, *extra, env=None):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "kvlink.bench", *SMALL, "--json", str(out), *extra],
+                            capture_output=True, text=True, timeout=300, env=dict(os.environ, **(env or {})))
+    return result, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_host_bench_verifies_every_case(tmp_path):
+    result, report = run_bench(tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    methods = {(r["method"], r["tokens"]) for r in report["records"]}
+    assert {("kvlink", 16), ("kvlink", 100), ("raw", 16), ("raw", 100), ("naive", 16), ("naive", 100),
+            ("kvlink x4", 32), ("kvlink layerwise", 100)} <= methods
+    for record in report["records"]:
+        assert record["verified"] and record["wrong_bytes"] == 0, record
+        assert record["time_us"] > 0 and set(record) >= {"method", "tokens", "bytes", "time_us", "GBps", "verified"}
+    assert report["backend"] == "host"
+    assert "method" in result.stdout and "# " in result.stdout  # the table
+
+
+def test_host_bench_exits_non_zero_on_a_wrong_byte(tmp_path):
+    result, report = run_bench(tmp_path, "--methods", "kvlink", "--no-layerwise", "--concurrent", "0",
+                               env={"KVLINK_BENCH_INJECT_CORRUPTION": "1"})
+    assert result.returncode == 1
+    assert "wrong bytes" in result.stderr
+    assert any(r["wrong_bytes"] > 0 for r in report["records"])
+
+
+def test_bench_rejects_bad_arguments():
+    result = subprocess.run([sys.executable, "-m", "kvlink.bench", "--backend", "host", "--tokens", "100000"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "needs more than --num-blocks" in result.stderr
