@@ -133,12 +133,10 @@ class TransferHandle:
             waited = time.perf_counter() - start
             if waited > timeout:
                 raise TimeoutError(f"request {self.request!r} from {self.peer}: not done after {timeout:.1f} s")
-            # NOTE: completion is a CUDA event, which cannot be waited on with a timeout: poll it,
-            # yielding only for the first 2 ms (small transfers end within that), then sleep 1 ms.
-            if waited < 2e-3:
-                time.sleep(0)
-            else:
-                self._finished.wait(1e-3)
+            # NOTE: completion is a CUDA event, which cannot be waited on with a timeout: poll it.
+            # Real sleeps, not sleep(0): a thread spinning on the GIL starves the progress thread
+            # (CPython hands the GIL over only every 5 ms to a thread that keeps re-taking it).
+            self._finished.wait(5e-5 if waited < 2e-3 else 1e-3)
         if self.error is not None:
             raise self.error
         return self
@@ -161,8 +159,12 @@ class TransferHandle:
 
 @dataclass
 class _Slot:
+    """A staging buffer and its two events, reused for every chunk (re-recording is safe: a stream
+    waits on the record that was current when the wait was queued)."""
     buffer: torch.Tensor
-    free: torch.cuda.Event | None = None  # recorded after the last use of this slot
+    free: torch.cuda.Event = field(default_factory=torch.cuda.Event)   # after the last read of the buffer
+    ready: torch.cuda.Event = field(default_factory=torch.cuda.Event)  # after the chunk was written into it
+    used: bool = False
 
 
 @dataclass
@@ -560,16 +562,15 @@ class Endpoint:
         for box in boxes:
             nbytes = HEADER_BYTES + box_payload_bytes(box, token_layer_bytes)
             slot = self._next_slot()
-            if slot.free is not None:
+            if slot.used:
                 stream.wait_event(slot.free)
             link.comm.recv(slot.buffer.data_ptr(), nbytes, stream)
-            received = torch.cuda.Event()
-            received.record(stream)
-            unpack_stream.wait_event(received)
+            slot.ready.record(stream)
+            unpack_stream.wait_event(slot.ready)
             unpack_selection(dst_sel.box(box[:2], box[2:]), slot.buffer[:nbytes], unpack_stream, self._backend,
                              self.max_ctas, status)
-            slot.free = torch.cuda.Event()
             slot.free.record(unpack_stream)
+            slot.used = True
             if handle.layerwise and box[3] == dst_sel.num_tokens:
                 for layer in range(box[0], box[1]):
                     handle._layer_events[layer] = event = torch.cuda.Event()
@@ -735,7 +736,7 @@ class Endpoint:
     def _send_nccl_chunk(self, link: _Link, serve: _Serve, box: Box, ready: dict) -> None:
         slot = self._next_slot()
         stream = self._pack_stream
-        if slot.free is not None:
+        if slot.used:
             stream.wait_event(slot.free)
         if serve.refused is None:
             for layer in range(box[0], box[1]):
@@ -748,12 +749,11 @@ class Endpoint:
             nbytes = self._refused_chunk_bytes(link, serve, box)
             with torch.cuda.stream(stream):
                 slot.buffer[:HEADER_BYTES].fill_(0)  # no magic: the receiver refuses it and writes nothing
-        packed = torch.cuda.Event()
-        packed.record(stream)
-        link.stream.wait_event(packed)
+        slot.ready.record(stream)
+        link.stream.wait_event(slot.ready)
         link.comm.send(slot.buffer.data_ptr(), nbytes, link.stream)
-        slot.free = torch.cuda.Event()
         slot.free.record(link.stream)
+        slot.used = True
 
     def _refused_chunk_bytes(self, link: _Link, serve: _Serve, box) -> int:
         """Size the decode side expects for a chunk of a pull we refused (it planned with its own layout)."""
