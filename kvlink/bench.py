@@ -245,8 +245,9 @@ class Recorder:
 
     def add(self, **record) -> None:
         self.results.put(("record", record))
+        extra = "".join(f" {k}={v:.0f}" for k, v in record.items() if k.endswith("_us") and k != "time_us")
         print(f"  {record['method']:<16} {record['tokens']:>7} tokens {record['bytes'] / MiB:>9.2f} MiB "
-              f"{record['time_us']:>10.1f} us {record['GBps']:>8.2f} GB/s  wrong={record['wrong_bytes']}",
+              f"{record['time_us']:>10.1f} us {record['GBps']:>8.2f} GB/s  wrong={record['wrong_bytes']}{extra}",
               file=sys.stderr, flush=True)
 
 
@@ -362,7 +363,7 @@ def decode_main(args, backend: str, conn, results) -> None:
         # ---- kvlink, one request at a time
         if "kvlink" in args.methods:
             for num_tokens in args.tokens:
-                times, wrong = [], 0
+                times, enqueue, sender_enqueue, wrong = [], [], [], 0
                 for i in range(args.warmup + args.iters):
                     src, dst = blocks(num_tokens)
                     t0 = time.perf_counter()
@@ -371,11 +372,14 @@ def decode_main(args, backend: str, conn, results) -> None:
                     elapsed = time.perf_counter() - t0
                     if i >= args.warmup:
                         times.append(elapsed)
+                        enqueue.append(handle.stats.enqueue_seconds)
+                        sender_enqueue.append(handle.stats.sender_enqueue_seconds)
                     wrong += wrong_bytes(src, dst, num_tokens)
                 t = statistics.median(times)
                 recorder.add(method="kvlink", tokens=num_tokens, bytes=num_tokens * token_bytes, time_us=t * 1e6,
                              GBps=num_tokens * token_bytes / t / 1e9, verified=wrong == 0, wrong_bytes=wrong,
-                             chunks=handle.stats.chunks)
+                             chunks=handle.stats.chunks, decode_enqueue_us=statistics.median(enqueue) * 1e6,
+                             prefill_enqueue_us=statistics.median(sender_enqueue) * 1e6)
 
             # ---- kvlink, many requests in flight
             if args.concurrent:

@@ -61,6 +61,8 @@ class TransferStats:
     payload_bytes: int = 0
     chunks: int = 0
     seconds: float = 0.0
+    enqueue_seconds: float = 0.0         # host time our side spent queueing the GPU work
+    sender_enqueue_seconds: float = 0.0  # the same on the prefill side (from its SENT message)
 
     @property
     def GBps(self) -> float:
@@ -193,6 +195,7 @@ class _Serve:
     boxes: list[Box]
     layerwise: bool
     sel: object = None            # the validated Selection of the whole pull
+    enqueue_seconds: float = 0.0
     refused: str | None = None
     next_chunk: int = 0
 
@@ -551,7 +554,9 @@ class Endpoint:
             num_tokens=dst_sel.num_tokens, layers=[dst_sel.layer_start, dst_sel.layer_stop],
             heads=list(src_heads), chunks=[list(b) for b in boxes], layerwise=handle.layerwise))
         if link.transport == "nccl":
+            started = time.perf_counter()
             self._post_receives(link, handle, dst_sel, boxes)
+            handle.stats.enqueue_seconds = time.perf_counter() - started
         handle._enqueued.set()
 
     def _post_receives(self, link: _Link, handle: TransferHandle, dst_sel, boxes) -> None:
@@ -606,7 +611,8 @@ class Endpoint:
                 link.pending.pop(handle.xfer, None)
         elif kind == "DATA" and link.transport == "host":
             self._unpack_host_chunk(link, handle, message["chunk"], frames[1])
-        # SENT: informational; completion is when our unpack is done
+        elif kind == "SENT":  # informational; completion is when our unpack is done
+            handle.stats.sender_enqueue_seconds = float(message.get("enqueue_seconds", 0.0))
 
     def _unpack_host_chunk(self, link: _Link, handle: TransferHandle, chunk_idx: int, frame) -> None:
         dst_sel, boxes = handle._dst
@@ -715,7 +721,8 @@ class Endpoint:
                     break  # waiting for layers (layer-wise); later pulls on this link wait behind it
                 link.serves.pop(0)
                 self._ready_layers.pop(serve.request, None)
-                self._router.send_multipart([link.identity, control.encode("SENT", xfer=serve.xfer)])
+                self._router.send_multipart([link.identity, control.encode(
+                    "SENT", xfer=serve.xfer, enqueue_seconds=serve.enqueue_seconds)])
 
     def _serve_chunks(self, link: _Link, serve: _Serve) -> bool:
         """Issue the chunks whose layers are ready; True when every chunk is issued."""
@@ -727,7 +734,9 @@ class Endpoint:
                 return False
             nbytes = HEADER_BYTES + box_payload_bytes(box, token_layer_bytes) if serve.refused is None else None
             if link.transport == "nccl":
+                started = time.perf_counter()
                 self._send_nccl_chunk(link, serve, box, ready)
+                serve.enqueue_seconds += time.perf_counter() - started
             else:
                 self._send_host_chunk(link, serve, box, nbytes)
             serve.next_chunk += 1
