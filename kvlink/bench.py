@@ -70,12 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         (args.block_size, "--block-size"), (args.num_blocks, "--num-blocks"), (args.iters, "--iters")):
         if value <= 0:
             p.error(f"{name} must be positive, got {value}")
-    needed = max(args.tokens + [args.concurrent * args.concurrent_tokens if args.concurrent else 0])
     if -(-max(args.tokens) // args.block_size) > args.num_blocks:
         p.error(f"--tokens {max(args.tokens)} needs more than --num-blocks {args.num_blocks} blocks")
     if args.concurrent and -(-args.concurrent_tokens // args.block_size) * args.concurrent > args.num_blocks:
         p.error(f"{args.concurrent} x {args.concurrent_tokens} tokens need more than --num-blocks {args.num_blocks}")
-    del needed
     return args
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from kvlink.selection import Selection
-from kvlink.wire import HEADER_CHECK_MASK, ChunkHeader
+from kvlink.wire import HEADER_CHECK_MASK
 
 import re
 

@@ -20,7 +20,7 @@ B blocks, N tokens per block, H KV heads, D head dim, L layers.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import torch
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 import kvlink
-from engine_access import as_bytes, engine_buffers, engine_index, random_fill, snapshot
+from engine_access import as_bytes, engine_index, random_fill, snapshot
 from kvlink import presets
 
 
