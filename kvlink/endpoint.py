@@ -353,6 +353,9 @@ class Endpoint:
         self._closed = True
         self._post("close")
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("kvlink %s: progress thread did not stop within %.1f s; sockets left open", self.name, timeout)
+            return
         self._context.destroy(linger=0)
 
     def __enter__(self):
@@ -367,7 +370,10 @@ class Endpoint:
             raise RuntimeError(f"endpoint {self.name} is closed")
         self._commands.put(command)
         with self._wake_lock:
-            self._wake_send.send(b"", zmq.NOBLOCK)
+            try:
+                self._wake_send.send(b"", zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # wake-ups already queued: the progress thread will find this command too
 
     def _call(self, *command, timeout: float | None = None):
         """Run a command on the progress thread and wait for its result."""
@@ -390,34 +396,43 @@ class Endpoint:
             poller.register(self._router, zmq.POLLIN)
         next_heartbeat = time.monotonic() + self.heartbeat
         while True:
-            busy = any(l.pending for l in self._links.values()) or any(l.serves for l in self._links.values())
-            events = dict(poller.poll(1 if busy else int(self.heartbeat * 1000)))
-            if self._wake_recv in events:
-                while self._wake_recv.poll(0):
-                    self._wake_recv.recv()
-                while True:
-                    try:
-                        command = self._commands.get_nowait()
-                    except queue.Empty:
-                        break
-                    if command[0] == "close":
-                        self._shutdown()
-                        return
-                    self._run_command(command, poller)
-            if self._router is not None and self._router in events:
-                while self._router.poll(0):
-                    frames = self._router.recv_multipart(copy=False)
-                    self._on_router_message(frames)
-            for link in list(self._links.values()):
-                if link.socket is not None and link.socket in events:
-                    while link.socket.poll(0):
-                        self._on_dealer_message(link, link.socket.recv_multipart(copy=False))
-            self._advance_serves()
-            self._complete_pulls()
+            try:
+                if self._progress(poller, next_heartbeat) is None:
+                    return
+            except Exception:  # keep serving other requests; the failed one times out with its name
+                log.exception("kvlink %s: progress thread error", self.name)
             now = time.monotonic()
             if now >= next_heartbeat:
                 next_heartbeat = now + self.heartbeat
                 self._heartbeat(now)
+
+    def _progress(self, poller, next_heartbeat: float):
+        """One turn of the progress loop; None once the endpoint is closed."""
+        busy = any(l.pending for l in self._links.values()) or any(l.serves for l in self._links.values())
+        wait_ms = 1 if busy else max(1, int((next_heartbeat - time.monotonic()) * 1000))
+        events = dict(poller.poll(wait_ms))
+        if self._wake_recv in events:
+            while self._wake_recv.poll(0):
+                self._wake_recv.recv()
+            while True:
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if command[0] == "close":
+                    self._shutdown()
+                    return None
+                self._run_command(command, poller)
+        if self._router is not None and self._router in events:
+            while self._router.poll(0):
+                self._on_router_message(self._router.recv_multipart(copy=False))
+        for link in list(self._links.values()):
+            if link.socket is not None and link.socket in events:
+                while link.socket.poll(0):
+                    self._on_dealer_message(link, link.socket.recv_multipart(copy=False))
+        self._advance_serves()
+        self._complete_pulls()
+        return True
 
     def _run_command(self, command, poller) -> None:
         kind, *args = command
