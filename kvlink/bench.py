@@ -496,6 +496,9 @@ def main(argv=None) -> int:
         print("--backend nccl needs two visible GPUs", file=sys.stderr)
         return 2
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    import importlib.util
+    if importlib.util.find_spec("nixl") is not None:
+        print("note: NIXL is installed, but kvlink-bench has no NIXL baseline yet (open work)", file=sys.stderr)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     prefill_conn, decode_conn = ctx.Pipe()

@@ -213,11 +213,14 @@ class Endpoint:
         num_slots: staging slots (GPU); 3 lets pack, wire and unpack overlap.
         timeout: seconds any wait may take before it fails with an error naming the peer.
         max_ctas: thread blocks pack/unpack may use while NCCL runs (default ``KVLINK_MAX_CTAS`` or 64).
+        max_links: most live links (each NCCL link holds a communicator, ~100-250 MiB of GPU
+            memory); a peer past the bound is refused at the handshake, naming the bound.
     """
 
     def __init__(self, layout: CacheLayout, *, name: str | None = None, listen: str | None = "tcp://127.0.0.1:0",
                  transport: str = "auto", chunk_bytes: int | None = None, num_slots: int = 3,
-                 timeout: float = DEFAULT_TIMEOUT, heartbeat: float = 1.0, max_ctas: int | None = None):
+                 timeout: float = DEFAULT_TIMEOUT, heartbeat: float = 1.0, max_ctas: int | None = None,
+                 max_links: int = 8):
         if not isinstance(layout, CacheLayout):
             raise TypeError(f"layout must be a kvlink CacheLayout, got {type(layout).__name__}")
         if transport not in TRANSPORTS:
@@ -226,6 +229,9 @@ class Endpoint:
             raise ValueError(f"transport='nccl' needs a GPU cache and CuPy's NCCL; {layout.name} is on {layout.device}")
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        if max_links < 1:
+            raise ValueError(f"max_links must be >= 1, got {max_links}")
+        self.max_links = max_links
         self.layout = layout
         self.on_gpu = layout.device.type == "cuda"
         self.device_index = layout.device.index if self.on_gpu else None
@@ -485,6 +491,10 @@ class Endpoint:
             raise ProtocolError(f"expected WELCOME from {address}, got {reply['type']}")
         link = _Link(name=reply["endpoint"], role="decode", transport=reply["transport"],
                      remote_layout=reply["layout"], chunk_bytes=reply["chunk_bytes"], socket=dealer)
+        live = [l for l in self._links.values() if not l.failed and l.name != link.name]
+        if len(live) >= self.max_links:
+            dealer.close()
+            raise ConnectionRefusedError(f"{self.name} already has {len(live)} live links (max_links={self.max_links})")
         if link.transport == "nccl":
             link.comm = nccl.Communicator(reply["nccl_id"], 1, self.device_index, timeout=timeout, peer=link.name)
             link.stream = torch.cuda.Stream(self.layout.device)
@@ -500,6 +510,9 @@ class Endpoint:
             check_compatible(self.layout.to_dict(), message["layout"])
             if message["fingerprint"] != self.layout.fingerprint:
                 raise ValueError(f"layout fingerprints differ: ours {self.layout.fingerprint}, theirs {message['fingerprint']}")
+            live = [l for l in self._links.values() if not l.failed and l.name != peer]
+            if len(live) >= self.max_links:
+                raise ValueError(f"{self.name} already has {len(live)} live links (max_links={self.max_links})")
         except ValueError as exc:
             log.error("kvlink %s: refusing %s: %s", self.name, peer, exc)
             self._router.send_multipart([identity, control.encode("REJECT", reason=str(exc))])

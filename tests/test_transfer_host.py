@@ -34,3 +34,17 @@ def decode(prefill, generator):
         peer = endpoint.connect(prefill.address)
         assert endpoint.links()[0]["transport"] == "host"
         yield endpoint, peer, engine, layout
+
+
+def test_links_are_bounded(generator):
+    """A listener refuses peers past max_links at the handshake, naming the bound; a freed slot is reusable."""
+    _, src = kvlink.presets.allocate("vllm_flash_attn_nhd", **SRC_SHAPE)
+    _, dst = kvlink.presets.allocate(DST_PRESET, **DST_SHAPE)
+    with kvlink.Endpoint(src, name="bounded", max_links=1, timeout=5) as listener, \
+            kvlink.Endpoint(dst, name="first", listen=None, timeout=5) as first, \
+            kvlink.Endpoint(dst, name="second", listen=None, timeout=5) as second:
+        assert first.connect(listener.address) == "bounded"
+        with pytest.raises(ConnectionRefusedError, match=r"bounded already has 1 live links \(max_links=1\)"):
+            second.connect(listener.address)
+    with pytest.raises(ValueError, match="max_links must be >= 1"):
+        kvlink.Endpoint(src, max_links=0)
