@@ -20,7 +20,7 @@ if [ "${KVLINK_SKIP_TESTS:-0}" != 1 ]; then
     > "$out/tests_nccl_socket.log" 2>&1 || status=1
   tail -n 2 "$out/tests_nccl_socket.log"
 fi
-timeout 330 python3 -m kvlink.bench --backend nccl ${KVLINK_BENCH_ARGS:-} --json "$out/bench.json" --plot "$out/bench.png" \
+timeout 330 python3 -m kvlink.bench --backend nccl ${KVLINK_BENCH_ARGS:-} --json "$out/bench.json" --plot "$out/bench.png" --profile "$out/prof" \
   > "$out/bench.log" 2> "$out/bench.err" || status=1
 tail -n 25 "$out/bench.log"
 grep -E "kvlink .*transport|Error|error|FAILED" "$out/bench.err" | head -n 8

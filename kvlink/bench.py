@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write one record per (method, size) here")
     p.add_argument("--plot", default=None, help="write a bandwidth plot (PNG) here")
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--profile", default=None,
+                   help="directory for torch.profiler traces (prefill.json, decode.json) of one pull of the largest size")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = set(args.methods) - {"kvlink", "raw", "naive"}
@@ -170,6 +172,19 @@ def scatter_torch(layout, block_ids: torch.Tensor, data: torch.Tensor) -> None:
         raw.index_copy_(0, block_ids, src)
 
 
+def start_profiler(backend: str):
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if backend == "nccl" else [])
+    profiler = profile(activities=activities)
+    profiler.__enter__()
+    return profiler
+
+
+def stop_profiler(profiler, path: str) -> None:
+    profiler.__exit__(None, None, None)
+    profiler.export_chrome_trace(path)
+
+
 # ------------------------------------------------------------------------------------- prefill
 def prefill_main(args, backend: str, conn, results) -> None:
     faulthandler.dump_traceback_later(120, repeat=True)  # a stuck run shows where
@@ -228,6 +243,12 @@ def prefill_main(args, backend: str, conn, results) -> None:
                     endpoint.layer_ready(request, layer)
                     submitted.append(time.perf_counter())
                 conn.send(("submitted", submitted))
+            elif command == "profile":
+                profiler = start_profiler(backend)
+                conn.send(("profiling",))
+                conn.recv()  # ("profile_stop",)
+                stop_profiler(profiler, os.path.join(rest[0], "prefill.json"))
+                conn.send(("profiled",))
             elif command == "memory":
                 conn.send(("memory", endpoint.links()))
         endpoint.close()
@@ -378,6 +399,21 @@ def decode_main(args, backend: str, conn, results) -> None:
                              GBps=num_tokens * token_bytes / t / 1e9, verified=wrong == 0, wrong_bytes=wrong,
                              chunks=handle.stats.chunks, decode_enqueue_us=statistics.median(enqueue) * 1e6,
                              prefill_enqueue_us=statistics.median(sender_enqueue) * 1e6)
+
+            # ---- one pull of the largest size under torch.profiler, both sides (a timeline to read)
+            if args.profile:
+                os.makedirs(args.profile, exist_ok=True)
+                num_tokens = max(args.tokens)
+                conn.send(("profile", args.profile))
+                conn.recv()  # ("profiling",)
+                profiler = start_profiler(backend)
+                src, dst = blocks(num_tokens)
+                endpoint.pull(peer, "profiled", src, dst, num_tokens).wait(args.timeout)
+                sync(device)
+                stop_profiler(profiler, os.path.join(args.profile, "decode.json"))
+                conn.send(("profile_stop",))
+                conn.recv()  # ("profiled",)
+                print(f"profile: {args.profile}/decode.json and prefill.json (chrome://tracing)", file=sys.stderr)
 
             # ---- kvlink, many requests in flight
             if args.concurrent:

@@ -41,3 +41,12 @@ def test_bench_rejects_bad_arguments():
     result = subprocess.run([sys.executable, "-m", "kvlink.bench", "--backend", "host", "--tokens", "100000"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "needs more than --num-blocks" in result.stderr
+
+
+def test_profile_writes_a_trace_per_side(tmp_path):
+    result, _ = run_bench(tmp_path, "--methods", "kvlink", "--no-layerwise", "--concurrent", "0",
+                          "--profile", str(tmp_path / "prof"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    for side in ("decode", "prefill"):
+        trace = json.loads((tmp_path / "prof" / f"{side}.json").read_text())
+        assert trace["traceEvents"], side
