@@ -40,19 +40,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--backend", choices=("auto", "nccl", "host"), default="auto",
                    help="auto: NCCL when two GPUs are visible, else the host (TCP) path")
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=None, help="default 32 (GPU) / 4 (host path)")
+    p.add_argument("--kv-heads", type=int, default=None, help="default 8 (GPU) / 4 (host path)")
+    p.add_argument("--head-dim", type=int, default=None, help="default 128 (GPU) / 64 (host path)")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-blocks", type=int, default=2048, help="blocks in each side's cache")
-    p.add_argument("--tokens", type=int, nargs="+", default=[16, 128, 512, 1024, 4096])
+    p.add_argument("--num-blocks", type=int, default=None, help="blocks in each side's cache (default 2048 / 512)")
+    p.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help="request sizes (default 16 128 512 1024 4096 / 16 256 2048)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--layout", default="vllm_flash_attn_nhd", help="preset of both caches (kvlink.presets.PRESETS)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--methods", default="kvlink,raw,naive", help="comma-separated subset of kvlink,raw,naive")
-    p.add_argument("--concurrent", type=int, default=64, help="requests in flight in the concurrency case (0: skip)")
-    p.add_argument("--concurrent-tokens", type=int, default=512)
+    p.add_argument("--concurrent", type=int, default=None,
+                   help="requests in flight in the concurrency case, 0 skips it (default 64 / 8)")
+    p.add_argument("--concurrent-tokens", type=int, default=None, help="tokens per concurrent request (default 512 / 256)")
     p.add_argument("--layerwise", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the layer-wise case (layers submitted one by one)")
     p.add_argument("--chunk-mb", type=int, default=None, help="staging chunk size (default: kvlink's)")
@@ -64,6 +66,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", default=None,
                    help="directory for torch.profiler traces (prefill.json, decode.json) of one pull of the largest size")
     args = p.parse_args(argv)
+    # The W1 shape (DESIGN.md) on GPUs; a shape a small CPU-only machine moves in seconds on the host path.
+    args.backend = pick_backend(args.backend)
+    w1 = args.backend == "nccl"
+    for name, gpu_default, host_default in (("layers", 32, 4), ("kv_heads", 8, 4), ("head_dim", 128, 64),
+                                            ("num_blocks", 2048, 512), ("tokens", [16, 128, 512, 1024, 4096],
+                                                                        [16, 256, 2048]),
+                                            ("concurrent", 64, 8), ("concurrent_tokens", 512, 256)):
+        if getattr(args, name) is None:
+            setattr(args, name, gpu_default if w1 else host_default)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = set(args.methods) - {"kvlink", "raw", "naive"}
     if bad:
@@ -527,7 +538,7 @@ def plot(records: list[dict], path: str, title: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    backend = pick_backend(args.backend)
+    backend = args.backend
     if backend == "nccl" and torch.cuda.device_count() < 2:
         print("--backend nccl needs two visible GPUs", file=sys.stderr)
         return 2
