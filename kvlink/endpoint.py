@@ -730,10 +730,8 @@ class Endpoint:
             if isinstance(heads, list) and len(heads) == 2 and all(isinstance(h, int) for h in heads):
                 serve.heads = tuple(heads)
             # keep NCCL in step: the decode side posted one receive per chunk, so send refused chunks
-            try:
-                serve.boxes = [tuple(b) for b in message["chunks"] if isinstance(b, list) and len(b) == 4]
-            except Exception:
-                serve.boxes = []
+            serve.boxes = [tuple(b) for b in message["chunks"] if isinstance(b, list) and len(b) == 4
+                           and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 for v in b)]
             log.error("kvlink %s: refusing pull %d (request %r) from %s: %s", self.name, serve.xfer, serve.request,
                       link.name, exc)
             self._router.send_multipart([link.identity, control.encode("FAILED", xfer=serve.xfer, reason=serve.refused)])
@@ -745,8 +743,18 @@ class Endpoint:
         for link in self._links.values():
             while link.serves:
                 serve = link.serves[0]
-                if not self._serve_chunks(link, serve):
-                    break  # waiting for layers (layer-wise); later pulls on this link wait behind it
+                try:
+                    if not self._serve_chunks(link, serve):
+                        break  # waiting for layers (layer-wise); later pulls on this link wait behind it
+                except Exception as exc:  # never retry a serve that broke half-way
+                    log.exception("kvlink %s: serving pull %d (request %r) to %s failed", self.name, serve.xfer,
+                                  serve.request, link.name)
+                    link.serves.pop(0)
+                    self._router.send_multipart([link.identity, control.encode(
+                        "FAILED", xfer=serve.xfer, reason=f"prefill side error: {exc}")])
+                    if link.transport == "nccl":  # the chunk stream is out of step with the receiver's
+                        self._fail_link(link, f"serving request {serve.request!r} failed: {exc}")
+                    break
                 link.serves.pop(0)
                 self._ready_layers.pop(serve.request, None)
                 self._router.send_multipart([link.identity, control.encode(
