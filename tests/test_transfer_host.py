@@ -48,3 +48,25 @@ def test_links_are_bounded(generator):
             second.connect(listener.address)
     with pytest.raises(ValueError, match="max_links must be >= 1"):
         kvlink.Endpoint(src, max_links=0)
+
+
+def test_a_serve_that_breaks_fails_its_pull_and_the_link_goes_on(monkeypatch, generator):
+    _, src = kvlink.presets.allocate("vllm_flash_attn_nhd", **SRC_SHAPE)
+    _, dst = kvlink.presets.allocate(DST_PRESET, **DST_SHAPE)
+    with kvlink.Endpoint(src, name="flaky", timeout=5) as prefill_ep, \
+            kvlink.Endpoint(dst, name="decode-f", listen=None, timeout=5) as decode_ep:
+        peer = decode_ep.connect(prefill_ep.address)
+        original = prefill_ep._send_host_chunk
+        calls = []
+
+        def breaks_once(*args):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("disk on fire")
+            return original(*args)
+
+        monkeypatch.setattr(prefill_ep, "_send_host_chunk", breaks_once)
+        handle = decode_ep.pull(peer, "broken", [1, 2], [5, 6, 7], 20)
+        with pytest.raises(kvlink.TransferError, match="request 'broken' from flaky: .*prefill side error: disk on fire"):
+            handle.wait(5)
+        decode_ep.pull(peer, "after", [1, 2], [5, 6, 7], 20).wait(5)  # the link still serves
