@@ -101,32 +101,40 @@ def _kernel(device_index: int, kind: str, vec: int):
     return _module(device_index).get_function(f"kvlink_{kind}<{vec}>")
 
 
-def _layout_cache(sel: Selection) -> dict:
-    """Per-layout facts the launch path needs every call, computed once (frozen dataclass: stored out of band)."""
-    layout = sel.layout
-    cache = layout.__dict__.get("_kernel_cache")
-    if cache is None:
+def _layout_facts(layout) -> dict:
+    """Per-layout facts every launch needs, computed once (frozen dataclass: stored out of band).
+
+    ``alignment`` is the gcd of every plane address and byte stride: a bound on the vector width
+    that holds for any subset of planes.
+    """
+    facts = layout.__dict__.get("_kernel_facts")
+    if facts is None:
         ptrs = layout.plane_ptrs()
-        # NOTE: the plane table is uploaded on a side stream and only that stream is waited for,
-        # so first use never waits for the engine's queued work.
+        facts = {"ptrs": ptrs, "alignment": functools.reduce(
+            math.gcd, ptrs, math.gcd(layout.block_stride, layout.token_stride, layout.head_stride))}
+        object.__setattr__(layout, "_kernel_facts", facts)
+    return facts
+
+
+def _plane_table(layout) -> torch.Tensor:
+    """The plane base addresses on the layout's device, uploaded once per layout."""
+    table = layout.__dict__.get("_plane_table")
+    if table is None:
+        # NOTE: uploaded on a side stream and only that stream is waited for, so first use never
+        # waits for the engine's queued work.
         side = torch.cuda.Stream(layout.device)
         with torch.cuda.stream(side):
-            table = torch.tensor(ptrs, dtype=torch.int64).pin_memory().to(layout.device, non_blocking=True)
+            table = torch.tensor(_layout_facts(layout)["ptrs"], dtype=torch.int64).pin_memory().to(
+                layout.device, non_blocking=True)
         side.synchronize()
-        cache = {
-            "table": table,  # plane base addresses on the device, uploaded once per layout
-            "ptrs": ptrs,
-            "strides_gcd": functools.reduce(math.gcd, [layout.block_stride, layout.token_stride, layout.head_stride]),
-            "fingerprint": layout.fingerprint,
-        }
-        object.__setattr__(layout, "_kernel_cache", cache)
-    return cache
+        object.__setattr__(layout, "_plane_table", table)
+    return table
 
 
 fast_divisor = functools.lru_cache(maxsize=4096)(fast_divisor)
 
 
-def _geometry(sel: Selection, chunk_ptr: int, cache: dict, status_overwrite: bool) -> tuple[bytes, int, int]:
+def _geometry(sel: Selection, chunk_ptr: int, status_overwrite: bool) -> tuple[bytes, int, int]:
     """The Geometry record's bytes, the vector width and the number of tiles for this launch."""
     layout = sel.layout
     heads = sel.num_selected_heads
@@ -137,9 +145,7 @@ def _geometry(sel: Selection, chunk_ptr: int, cache: dict, status_overwrite: boo
     if layout.head_stride == row_bytes or heads == 1:
         row_bytes *= heads
         heads_per_token = 1
-    planes = cache["ptrs"][sel.first_plane: sel.first_plane + sel.num_planes]
-    alignment = functools.reduce(math.gcd, planes, math.gcd(row_bytes, chunk_ptr + 64, sel.plane_bytes,
-                                                           cache["strides_gcd"]))
+    alignment = math.gcd(_layout_facts(layout)["alignment"], row_bytes, chunk_ptr + 64, sel.plane_bytes)
     vec = next(w for w in VEC_WIDTHS if alignment % w == 0)
     vecs_per_row = row_bytes // vec
     vecs_per_plane = sel.num_selected_tokens * heads_per_token * vecs_per_row
@@ -259,14 +265,11 @@ def _cupy_stream(stream: torch.cuda.Stream, device_index: int):
 
 def prepare(layout, stream: torch.cuda.Stream) -> None:
     """One-time setup off the critical path: compile the kernels, upload the plane table, make the stream's metadata ring."""
-    from kvlink.selection import select
-
     device_index = layout.device.index
     for kind in ("pack", "unpack"):
         for vec in VEC_WIDTHS:
             _kernel(device_index, kind, vec)
-    sel = select(layout, [0], 1)
-    _layout_cache(sel)
+    _plane_table(layout)
     key = (device_index, stream.cuda_stream)
     if key not in _RINGS:
         _RINGS[key] = _MetadataRing(device_index)
@@ -282,11 +285,10 @@ def launch(kind: str, sel: Selection, chunk: torch.Tensor, stream: torch.cuda.St
     import cupy
 
     device_index = sel.layout.device.index
-    cache = _layout_cache(sel)
     own_status = kind == "unpack" and status is None
-    geometry, vec, num_tiles = _geometry(sel, chunk.data_ptr(), cache, own_status)
+    geometry, vec, num_tiles = _geometry(sel, chunk.data_ptr(), own_status)
     meta_address, _keep_alive = _upload_metadata(sel, geometry, header, stream)
-    planes_ptr = cache["table"].data_ptr() + 8 * sel.first_plane
+    planes_ptr = _plane_table(sel.layout).data_ptr() + 8 * sel.first_plane
     kernel = _kernel(device_index, kind, vec)
     args = [np.uint64(meta_address), np.uint64(planes_ptr), np.uint64(chunk.data_ptr())]
     if kind == "unpack":

@@ -1,0 +1,129 @@
+"""The kernels' launch metadata, checked on the CPU against a Python model of csrc/pack_unpack.cu.
+
+The model decodes the Geometry record that kernels.py uploads, walks the same flat tile list,
+divides with the same (mul, shift) pairs and addresses bytes with the same formula as the CUDA
+code. It must reproduce the torch reference byte for byte, so CI catches a wrong stride, vector
+width, divisor, tile count or header word without a GPU.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import kvlink
+from kvlink import kernels, presets
+from kvlink.selection import select
+from kvlink.wire import ChunkHeader
+from roundtrip import make_cache, random_blocks
+
+
+def fast_div(n, mul, shift):
+    n = n.astype(np.uint64)
+    return ((((n * np.uint64(mul)) >> np.uint64(32)) + n) >> np.uint64(shift)).astype(np.int64)
+
+
+def storage_bytes(tensor):
+    storage = tensor.untyped_storage()
+    return torch.empty(0, dtype=torch.uint8).set_(storage).numpy(), storage.data_ptr()
+
+
+def model_offsets(sel, chunk_ptr):
+    """(geometry, vec, per-plane byte offsets of every vector) as the CUDA kernel computes them."""
+    geometry_bytes, vec, num_tiles = kernels._geometry(sel, chunk_ptr, status_overwrite=False)
+    g = np.frombuffer(geometry_bytes, dtype=kernels.GEOMETRY_DTYPE)[0]
+    tile = kernels.THREADS * kernels.UNROLL
+    assert num_tiles == g["num_tiles"] == g["num_planes"] * g["tiles_per_plane"]
+    # the tile walk: tile -> (plane, base); thread t, step u -> j = base + t + u * THREADS
+    tiles = np.arange(num_tiles)
+    planes = fast_div(tiles, g["tpp_mul"], g["tpp_shift"])
+    assert (planes == tiles // g["tiles_per_plane"]).all()
+    j_in_tile = (np.arange(kernels.THREADS)[None, :] + kernels.THREADS * np.arange(kernels.UNROLL)[:, None]).ravel()
+    js = ((tiles - planes * g["tiles_per_plane"]) * tile)[:, None] + j_in_tile[None, :]
+    first_plane_js = np.sort(js[planes == 0].ravel())
+    first_plane_js = first_plane_js[first_plane_js < g["vecs_per_plane"]]
+    assert (first_plane_js == np.arange(g["vecs_per_plane"])).all(), "the tiles must cover every vector once"
+    j = np.arange(g["vecs_per_plane"])
+    row = fast_div(j, g["vpr_mul"], g["vpr_shift"])
+    v = j - row * g["vecs_per_row"]
+    t = fast_div(row, g["hpt_mul"], g["hpt_shift"])
+    h = row - t * g["heads_per_token"]
+    token = g["token_start"] + t
+    slot = fast_div(token, g["tpb_mul"], g["tpb_shift"])
+    in_block = token - slot * g["tokens_per_block"]
+    block = sel.block_ids.astype(np.int64)[slot]
+    offsets = (block * g["block_stride"] + in_block * g["token_stride"] + (g["head_start"] + h) * g["head_stride"]
+               + v * vec)
+    return g, vec, offsets
+
+
+def model_pack(sel, chunk):
+    g, vec, offsets = model_offsets(sel, chunk.data_ptr())
+    out = chunk.numpy()
+    out[:64] = np.frombuffer(ChunkHeader.for_selection(sel).to_bytes(), dtype=np.uint8)
+    payload = out[64:]
+    lanes = np.arange(vec)
+    for p in range(g["num_planes"]):
+        plane = sel.layout.planes[sel.first_plane + p]
+        data, base = storage_bytes(plane)
+        src = (plane.data_ptr() - base) + offsets[:, None] + lanes[None, :]
+        dst = p * int(g["plane_bytes"]) + (np.arange(offsets.size) * vec)[:, None] + lanes[None, :]
+        payload[dst.ravel()] = data[src.ravel()]
+
+
+def model_unpack(sel, chunk):
+    g, vec, offsets = model_offsets(sel, chunk.data_ptr())
+    payload = chunk.numpy()[64:]
+    lanes = np.arange(vec)
+    for p in range(g["num_planes"]):
+        plane = sel.layout.planes[sel.first_plane + p]
+        data, base = storage_bytes(plane)
+        dst = (plane.data_ptr() - base) + offsets[:, None] + lanes[None, :]
+        src = p * int(g["plane_bytes"]) + (np.arange(offsets.size) * vec)[:, None] + lanes[None, :]
+        data[dst.ravel()] = payload[src.ravel()]
+
+
+CASES = [
+    ("vllm_flash_attn_nhd", torch.bfloat16, 64, None, 0),
+    ("vllm_flash_attn_hnd", torch.bfloat16, 64, (1, 3), 0),
+    ("flashinfer_split_nhd", torch.float16, 36, (0, 2), 4),
+    ("vllm_2026_lhnbc", torch.bfloat16, 13, (2, 4), 1),
+    ("tensorrt_llm", torch.float32, 7, None, 8),
+    ("sglang_mha", torch.bfloat16, 64, (3, 4), 2),
+    ("vllm_mla", torch.uint8, 656, None, 0),
+    ("sglang_mla", torch.bfloat16, 576, None, 12),
+]
+
+
+@pytest.mark.parametrize("preset,dtype,head_dim,heads,offset", CASES)
+def test_model_of_the_kernels_matches_the_reference(preset, dtype, head_dim, heads, offset, generator):
+    cache = make_cache(preset, generator, dtype=dtype, head_dim=head_dim, block_size=16, num_blocks=40)
+    num_tokens = 16 * 7 + 5
+    ids = random_blocks(cache.layout, num_tokens, generator)
+    for layers, tokens in (((0, 3), (0, num_tokens)), ((1, 2), (17, 100))):
+        sel = select(cache.layout, ids, num_tokens, layers=layers, tokens=tokens, heads=heads)
+        storage = torch.randint(0, 256, (sel.chunk_bytes + offset,), dtype=torch.uint8, generator=generator)
+        modelled = storage[offset:]
+        model_pack(sel, modelled)
+        expected = torch.empty(sel.chunk_bytes, dtype=torch.uint8)
+        kvlink.pack(cache.layout, ids, num_tokens, expected, layers=layers, tokens=tokens, heads=heads)
+        assert torch.equal(modelled, expected), f"{preset}: the kernel model packs differently"
+        # and back: scatter the chunk into a zeroed copy of the cache through the model
+        dst = make_cache(preset, generator, dtype=dtype, head_dim=head_dim, block_size=16, num_blocks=40)
+        dst_ids = random_blocks(dst.layout, num_tokens, generator)
+        dst_sel = select(dst.layout, dst_ids, num_tokens, layers=layers, tokens=tokens, heads=heads,
+                         destination=True)
+        model_unpack(dst_sel, modelled)
+        repacked = torch.empty_like(expected)
+        kvlink.pack(dst.layout, dst_ids, num_tokens, repacked, layers=layers, tokens=tokens, heads=heads)
+        assert torch.equal(repacked[64:], expected[64:]), f"{preset}: the kernel model unpacks differently"
+
+
+def test_vector_width_follows_alignment(generator):
+    cache = make_cache("vllm_flash_attn_nhd", generator, head_dim=64)
+    sel = select(cache.layout, [0, 1], 20)
+    chunk = torch.empty(sel.chunk_bytes + 16, dtype=torch.uint8)
+    widths = {off: kernels._geometry(sel, chunk[off:].data_ptr(), False)[1] for off in (0, 1, 2, 4, 8)}
+    base = chunk.data_ptr() % 16
+    assert widths[0] == (16 if base == 0 else widths[0])
+    assert all(w <= 16 and (chunk[off:].data_ptr() + 64) % w == 0 for off, w in widths.items())
+    assert widths[1] in (1, 2, 4, 8, 16) and (chunk[1:].data_ptr() + 64) % widths[1] == 0
