@@ -23,5 +23,13 @@ fi
 timeout 330 python3 -m kvlink.bench --backend nccl ${KVLINK_BENCH_ARGS:-} --json "$out/bench.json" --plot "$out/bench.png" --profile "$out/prof" \
   > "$out/bench.log" 2> "$out/bench.err" || status=1
 tail -n 25 "$out/bench.log"
+if [ "${KVLINK_PROFILE_PROGRESS_RUN:-0}" = 1 ]; then  # where the progress threads' host time goes
+  KVLINK_PROFILE_PROGRESS="$out/prof" timeout 200 python3 -m kvlink.bench --backend nccl --tokens 4096 --iters 6 \
+    --methods kvlink --no-layerwise --concurrent 0 > /dev/null 2>&1 || status=1
+  for f in "$out"/prof/progress-*.prof; do
+    python3 -c "import pstats,sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(15)" "$f" \
+      > "${f%.prof}.txt" 2>&1
+  done
+fi
 grep -E "kvlink .*transport|Error|error|FAILED" "$out/bench.err" | head -n 8
 exit $status

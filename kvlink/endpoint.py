@@ -394,6 +394,22 @@ class Endpoint:
 
     # ================================================================== progress thread
     def _run(self) -> None:
+        # KVLINK_PROFILE_PROGRESS=DIR: cProfile this endpoint's progress thread, written to DIR at close
+        profile_dir = os.environ.get("KVLINK_PROFILE_PROGRESS")
+        if not profile_dir:
+            return self._run_loop()
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            self._run_loop()
+        finally:
+            profiler.disable()
+            os.makedirs(profile_dir, exist_ok=True)
+            profiler.dump_stats(os.path.join(profile_dir, f"progress-{self.name.replace(':', '_').replace('/', '_')}.prof"))
+
+    def _run_loop(self) -> None:
         if self.on_gpu:
             torch.cuda.set_device(self.device_index)  # the current device is per thread
         poller = zmq.Poller()
