@@ -78,21 +78,19 @@ class TransferHandle:
     :class:`TransferError` of a failed transfer; ``stats`` its bytes, time and GB/s.
     """
 
-    def __init__(self, xfer: int, request: str, peer: str, num_layers: int, layerwise: bool):
+    def __init__(self, xfer: int, request: str, peer: str, layerwise: bool):
         self.xfer, self.request, self.peer = xfer, request, peer
         self.layerwise = layerwise
         self.stats = TransferStats()
         self.error: TransferError | None = None
         self._event: torch.cuda.Event | None = None
         self._layer_events: dict[int, torch.cuda.Event] = {}
-        self._num_layers = num_layers
         self._started = time.perf_counter()
         self._enqueued = threading.Event()  # the GPU work (or the host wait) is in place
         self._finished = threading.Event()
         self._lock = threading.Lock()
         self._status_host: torch.Tensor | None = None  # pinned copy of the unpack status word
         self._refused_at: float | None = None  # when the GPU reported a refused chunk (waiting for the reason)
-        self._on_finish = None
 
     @property
     def event(self) -> torch.cuda.Event | None:
@@ -154,8 +152,6 @@ class TransferHandle:
                 self.error = TransferError(f"request {self.request!r} from {self.peer}: {error}")
             self.stats.seconds = time.perf_counter() - self._started
             self._finished.set()
-        if self._on_finish is not None:
-            self._on_finish(self)
         return True
 
 
@@ -322,10 +318,9 @@ class Endpoint:
                 src_heads[1] - src_heads[0] != dst_sel.num_selected_heads:
             raise ValueError(f"src_heads={src_heads} must lie in [0, {remote['num_heads']}) and match "
                              f"{dst_sel.num_selected_heads} destination heads")
-        token_layer_bytes = self.layout.num_kv * dst_sel.num_selected_heads * self.layout.row_bytes
-        boxes = plan_chunks((dst_sel.layer_start, dst_sel.layer_stop), num_tokens, token_layer_bytes,
+        boxes = plan_chunks((dst_sel.layer_start, dst_sel.layer_stop), num_tokens, dst_sel.token_layer_bytes,
                             link.chunk_bytes, layerwise=layerwise)
-        handle = TransferHandle(next(self._xfer_ids), request, peer, self.layout.num_layers, layerwise)
+        handle = TransferHandle(next(self._xfer_ids), request, peer, layerwise)
         handle.stats.payload_bytes = dst_sel.payload_bytes
         handle.stats.chunks = len(boxes)
         self._post("pull", link, handle, dst_sel, src_ids, src_heads, boxes)
@@ -607,9 +602,8 @@ class Endpoint:
         layout, stream, unpack_stream = self.layout, link.stream, self._unpack_stream
         with torch.cuda.stream(unpack_stream):  # zeroed on the stream that later reads it
             status = torch.zeros(1, dtype=torch.int32, device=layout.device)
-        token_layer_bytes = layout.num_kv * dst_sel.num_selected_heads * layout.row_bytes
         for box in boxes:
-            nbytes = HEADER_BYTES + box_payload_bytes(box, token_layer_bytes)
+            nbytes = HEADER_BYTES + box_payload_bytes(box, dst_sel.token_layer_bytes)
             slot = self._next_slot()
             if slot.used:
                 stream.wait_event(slot.free)
@@ -670,8 +664,7 @@ class Endpoint:
         try:
             if self.on_gpu:
                 chunk = chunk.to(self.layout.device)
-            token_layer_bytes = self.layout.num_kv * dst_sel.num_selected_heads * self.layout.row_bytes
-            if chunk.numel() < HEADER_BYTES + box_payload_bytes(box, token_layer_bytes):
+            if chunk.numel() < HEADER_BYTES + box_payload_bytes(box, dst_sel.token_layer_bytes):
                 raise ValueError(f"chunk {chunk_idx} holds {chunk.numel()} bytes, fewer than its box needs")
             stream = torch.cuda.current_stream(self.device_index) if self.on_gpu else None
             status = unpack_selection(dst_sel.box(box[:2], box[2:]), chunk, stream, self._backend, self.max_ctas)
@@ -733,11 +726,10 @@ class Endpoint:
             layers = tuple(control.int_list(message, "layers", length=2))
             boxes = [tuple(control.int_list({"type": "PULL", "b": b}, "b", length=4)) for b in message["chunks"]]
             sel = select(self.layout, src, serve.num_tokens, layers=layers, heads=heads)
-            token_layer_bytes = self.layout.num_kv * sel.num_selected_heads * self.layout.row_bytes
             for box in boxes:
                 if not (layers[0] <= box[0] < box[1] <= layers[1] and 0 <= box[2] < box[3] <= serve.num_tokens):
                     raise ValueError(f"chunk {box} lies outside layers {layers} x tokens [0, {serve.num_tokens})")
-                if box_payload_bytes(box, token_layer_bytes) > link.chunk_bytes:
+                if box_payload_bytes(box, sel.token_layer_bytes) > link.chunk_bytes:
                     raise ValueError(f"chunk {box} exceeds the link's {link.chunk_bytes}-byte chunks")
             serve.sel, serve.heads, serve.boxes = sel, heads, boxes
         except (ValueError, TypeError, ProtocolError) as exc:
@@ -779,22 +771,22 @@ class Endpoint:
     def _serve_chunks(self, link: _Link, serve: _Serve) -> bool:
         """Issue the chunks whose layers are ready; True when every chunk is issued."""
         ready = self._ready_layers.get(serve.request, {})
-        token_layer_bytes = self.layout.num_kv * (serve.heads[1] - serve.heads[0]) * self.layout.row_bytes
         while serve.next_chunk < len(serve.boxes):
             box = serve.boxes[serve.next_chunk]
             if serve.layerwise and serve.refused is None and any(l not in ready for l in range(box[0], box[1])):
                 return False
-            nbytes = HEADER_BYTES + box_payload_bytes(box, token_layer_bytes) if serve.refused is None else None
+            nbytes = None if serve.refused else HEADER_BYTES + box_payload_bytes(box, serve.sel.token_layer_bytes)
             if link.transport == "nccl":
                 started = time.perf_counter()
-                self._send_nccl_chunk(link, serve, box, ready)
+                self._send_nccl_chunk(link, serve, box, ready, nbytes)
                 serve.enqueue_seconds += time.perf_counter() - started
             else:
                 self._send_host_chunk(link, serve, box, nbytes)
             serve.next_chunk += 1
         return True
 
-    def _send_nccl_chunk(self, link: _Link, serve: _Serve, box: Box, ready: dict) -> None:
+    def _send_nccl_chunk(self, link: _Link, serve: _Serve, box: Box, ready: dict, nbytes: int | None) -> None:
+        """Pack ``box`` into the next slot and send it (``nbytes`` None: a refused pull's empty chunk)."""
         slot = self._next_slot()
         stream = self._pack_stream
         if slot.used:
@@ -804,8 +796,6 @@ class Endpoint:
                 if ready.get(layer) is not None:
                     stream.wait_event(ready[layer])
             pack_selection(serve.sel.box(box[:2], box[2:]), slot.buffer, stream, self._backend, self.max_ctas)
-            nbytes = HEADER_BYTES + box_payload_bytes(box, self.layout.num_kv * (serve.heads[1] - serve.heads[0])
-                                                      * self.layout.row_bytes)
         else:
             nbytes = self._refused_chunk_bytes(link, serve, box)
             with torch.cuda.stream(stream):

@@ -63,6 +63,7 @@ def kernel_source() -> str:
     return (csrc_dir() / SOURCE_NAME).read_text()
 
 
+@functools.lru_cache(maxsize=4096)
 def fast_divisor(d: int) -> tuple[int, int]:
     """(mul, shift) with ``(umulhi(n, mul) + n) >> shift == n // d`` for every ``0 <= n < 2**31``."""
     if not 1 <= d < 2**31:
@@ -129,9 +130,6 @@ def _plane_table(layout) -> torch.Tensor:
         side.synchronize()
         object.__setattr__(layout, "_plane_table", table)
     return table
-
-
-fast_divisor = functools.lru_cache(maxsize=4096)(fast_divisor)
 
 
 def _geometry(sel: Selection, chunk_ptr: int, status_overwrite: bool) -> tuple[bytes, int, int]:

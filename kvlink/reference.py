@@ -17,12 +17,9 @@ from kvlink.wire import ChunkHeader
 
 def _token_positions(sel: Selection) -> tuple[torch.Tensor, torch.Tensor]:
     """(block id, offset in block) for each selected token, on the layout's device."""
-    layout = sel.layout
-    token_idx = torch.arange(sel.token_start, sel.token_stop, dtype=torch.int64)
-    block_ids = torch.from_numpy(sel.block_ids).to(torch.int64)
-    blocks = block_ids[token_idx // layout.block_size]
-    offsets = token_idx % layout.block_size
-    return blocks.to(layout.device), offsets.to(layout.device)
+    blocks, offsets = _numpy_positions(sel)
+    device = sel.layout.device
+    return torch.from_numpy(blocks).to(device, torch.int64), torch.from_numpy(offsets).to(device, torch.int64)
 
 
 def _byte_plane(sel: Selection, plane_idx: int) -> torch.Tensor:

@@ -62,6 +62,11 @@ class Selection:
         return self.head_stop - self.head_start
 
     @property
+    def token_layer_bytes(self) -> int:
+        """Payload bytes of one token in one layer: K and V (or the latent) of the selected heads."""
+        return self.layout.num_kv * self.num_selected_heads * self.layout.row_bytes
+
+    @property
     def plane_bytes(self) -> int:
         """Payload bytes of one plane: tokens x heads x head_dim elements."""
         return self.num_selected_tokens * self.num_selected_heads * self.layout.row_bytes

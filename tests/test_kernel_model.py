@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kvlink
-from kvlink import kernels, presets
+from kvlink import kernels
 from kvlink.selection import select
 from kvlink.wire import ChunkHeader
 from roundtrip import make_cache, random_blocks
@@ -56,30 +56,23 @@ def model_offsets(sel, chunk_ptr):
     return g, vec, offsets
 
 
-def model_pack(sel, chunk):
+def model_copy(sel, chunk, direction):
+    """Run the modelled kernel: "pack" gathers the cache into ``chunk``, "unpack" scatters ``chunk`` into it."""
     g, vec, offsets = model_offsets(sel, chunk.data_ptr())
-    out = chunk.numpy()
-    out[:64] = np.frombuffer(ChunkHeader.for_selection(sel).to_bytes(), dtype=np.uint8)
-    payload = out[64:]
+    buffer = chunk.numpy()
+    if direction == "pack":
+        buffer[:64] = np.frombuffer(ChunkHeader.for_selection(sel).to_bytes(), dtype=np.uint8)
+    payload = buffer[64:]
     lanes = np.arange(vec)
     for p in range(g["num_planes"]):
         plane = sel.layout.planes[sel.first_plane + p]
         data, base = storage_bytes(plane)
-        src = (plane.data_ptr() - base) + offsets[:, None] + lanes[None, :]
-        dst = p * int(g["plane_bytes"]) + (np.arange(offsets.size) * vec)[:, None] + lanes[None, :]
-        payload[dst.ravel()] = data[src.ravel()]
-
-
-def model_unpack(sel, chunk):
-    g, vec, offsets = model_offsets(sel, chunk.data_ptr())
-    payload = chunk.numpy()[64:]
-    lanes = np.arange(vec)
-    for p in range(g["num_planes"]):
-        plane = sel.layout.planes[sel.first_plane + p]
-        data, base = storage_bytes(plane)
-        dst = (plane.data_ptr() - base) + offsets[:, None] + lanes[None, :]
-        src = p * int(g["plane_bytes"]) + (np.arange(offsets.size) * vec)[:, None] + lanes[None, :]
-        data[dst.ravel()] = payload[src.ravel()]
+        in_cache = ((plane.data_ptr() - base) + offsets[:, None] + lanes[None, :]).ravel()
+        in_chunk = (p * int(g["plane_bytes"]) + (np.arange(offsets.size) * vec)[:, None] + lanes[None, :]).ravel()
+        if direction == "pack":
+            payload[in_chunk] = data[in_cache]
+        else:
+            data[in_cache] = payload[in_chunk]
 
 
 CASES = [
@@ -103,7 +96,7 @@ def test_model_of_the_kernels_matches_the_reference(preset, dtype, head_dim, hea
         sel = select(cache.layout, ids, num_tokens, layers=layers, tokens=tokens, heads=heads)
         storage = torch.randint(0, 256, (sel.chunk_bytes + offset,), dtype=torch.uint8, generator=generator)
         modelled = storage[offset:]
-        model_pack(sel, modelled)
+        model_copy(sel, modelled, "pack")
         expected = torch.empty(sel.chunk_bytes, dtype=torch.uint8)
         kvlink.pack(cache.layout, ids, num_tokens, expected, layers=layers, tokens=tokens, heads=heads)
         assert torch.equal(modelled, expected), f"{preset}: the kernel model packs differently"
@@ -112,7 +105,7 @@ def test_model_of_the_kernels_matches_the_reference(preset, dtype, head_dim, hea
         dst_ids = random_blocks(dst.layout, num_tokens, generator)
         dst_sel = select(dst.layout, dst_ids, num_tokens, layers=layers, tokens=tokens, heads=heads,
                          destination=True)
-        model_unpack(dst_sel, modelled)
+        model_copy(dst_sel, modelled, "unpack")
         repacked = torch.empty_like(expected)
         kvlink.pack(dst.layout, dst_ids, num_tokens, repacked, layers=layers, tokens=tokens, heads=heads)
         assert torch.equal(repacked[64:], expected[64:]), f"{preset}: the kernel model unpacks differently"
