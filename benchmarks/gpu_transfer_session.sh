@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# One call on a 2-GPU machine: NCCL end-to-end tests (NVLink and forced socket transport), then the
-# transfer benchmark on W1. Usage (repo root): bash benchmarks/gpu_transfer_session.sh OUTDIR
+# One call on a 2-GPU machine: end-to-end tests (CUDA IPC; NCCL over NVLink and forced onto its socket
+# transport), then the transfer benchmark on W1 for each kvlink transport.
+# Usage (repo root): bash benchmarks/gpu_transfer_session.sh OUTDIR
+#   KVLINK_TESTS="kernels ipc nccl nccl_socket" (default: all; "" skips the tests)
+#   KVLINK_BENCH_TRANSPORTS="auto nccl" (kvlink's --transport per bench run; "" skips the bench)
+#   KVLINK_BENCH_ARGS="..." extra bench flags; KVLINK_PROFILE_PROGRESS_RUN=1 adds progress-thread profiles
 set -u -o pipefail
 out=${1:-${OUT:-/tmp/kvlink-gpu}}
 mkdir -p "$out"
@@ -13,16 +17,27 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 status=0
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$out/device.txt"
 nvidia-smi topo -m >> "$out/device.txt" 2>&1
-if [ "${KVLINK_SKIP_TESTS:-0}" != 1 ]; then
-  timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_transfer_nccl.py > "$out/tests_nccl.log" 2>&1 || status=1
-  tail -n 2 "$out/tests_nccl.log"
-  NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_transfer_nccl.py \
-    > "$out/tests_nccl_socket.log" 2>&1 || status=1
-  tail -n 2 "$out/tests_nccl_socket.log"
-fi
-timeout 330 python3 -m kvlink.bench --backend nccl ${KVLINK_BENCH_ARGS:-} --json "$out/bench.json" --plot "$out/bench.png" --profile "$out/prof" \
-  > "$out/bench.log" 2> "$out/bench.err" || status=1
-tail -n 25 "$out/bench.log"
+run_tests() {  # name, then pytest arguments
+  local name=$1; shift
+  timeout 300 python3 -m pytest -q -x -p no:cacheprovider "$@" > "$out/tests_$name.log" 2>&1 || status=1
+  echo "tests $name: $(tail -n 1 "$out/tests_$name.log")"
+}
+for t in ${KVLINK_TESTS-kernels ipc nccl nccl_socket}; do
+  case $t in
+    kernels) run_tests kernels tests/test_gpu_kernels.py tests/test_kernel_model.py ;;
+    ipc) run_tests ipc tests/test_transfer_ipc.py ;;
+    nccl) run_tests nccl tests/test_transfer_nccl.py ;;
+    nccl_socket) NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 run_tests nccl_socket tests/test_transfer_nccl.py ;;
+  esac
+done
+for transport in ${KVLINK_BENCH_TRANSPORTS-auto nccl}; do
+  b="$out/bench-$transport"
+  timeout 330 python3 -m kvlink.bench --backend nccl --transport "$transport" ${KVLINK_BENCH_ARGS:-} \
+    --json "$b.json" --plot "$b.png" --profile "$out/prof-$transport" > "$b.log" 2> "$b.err" || status=1
+  echo "== bench --transport $transport"
+  tail -n 14 "$b.log"
+  grep -E "transport|Error|error|FAILED" "$b.err" | head -n 6
+done
 if [ "${KVLINK_PROFILE_PROGRESS_RUN:-0}" = 1 ]; then  # where the progress threads' host time goes
   KVLINK_PROFILE_PROGRESS="$out/prof" timeout 200 python3 -m kvlink.bench --backend nccl --tokens 4096 --iters 6 \
     --methods kvlink --no-layerwise --concurrent 0 > /dev/null 2>&1 || status=1
@@ -31,5 +46,4 @@ if [ "${KVLINK_PROFILE_PROGRESS_RUN:-0}" = 1 ]; then  # where the progress threa
       > "${f%.prof}.txt" 2>&1
   done
 fi
-grep -E "kvlink .*transport|Error|error|FAILED" "$out/bench.err" | head -n 8
 exit $status

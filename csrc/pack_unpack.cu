@@ -170,11 +170,47 @@ __global__ void __launch_bounds__(THREADS) kvlink_unpack(
     }
 }
 
+// Direct copy between two caches (the CUDA IPC transport: the source planes are the peer GPU's,
+// mapped into this process, and are read across NVLink or PCIe). src_meta and dst_meta are two
+// metadata records of the pack/unpack format (header unused); the host makes the two geometries
+// agree on vecs_per_row, heads_per_token and tiling, so vector j of the box is the same element on
+// both sides. Block size, block order and strides may differ: the layout conversion is free.
+template <int VEC>
+__global__ void __launch_bounds__(THREADS) kvlink_copy(
+    const unsigned char* __restrict__ src_meta, const u64* __restrict__ src_planes,
+    const unsigned char* __restrict__ dst_meta, const u64* __restrict__ dst_planes) {
+    typedef typename VecType<VEC>::T V;
+    const Geometry s = *reinterpret_cast<const Geometry*>(src_meta);
+    const Geometry d = *reinterpret_cast<const Geometry*>(dst_meta);
+    const int* src_ids = reinterpret_cast<const int*>(src_meta + META_BLOCK_IDS_OFFSET);
+    const int* dst_ids = reinterpret_cast<const int*>(dst_meta + META_BLOCK_IDS_OFFSET);
+    for (u32 tile = blockIdx.x; tile < d.num_tiles; tile += gridDim.x) {
+        const u32 p = fast_div(tile, d.tpp_mul, d.tpp_shift);
+        const u32 base = (tile - p * d.tiles_per_plane) * (THREADS * UNROLL) + threadIdx.x;
+        const unsigned char* from = reinterpret_cast<const unsigned char*>(src_planes[p]);
+        unsigned char* to = reinterpret_cast<unsigned char*>(dst_planes[p]);
+        V tmp[UNROLL];
+        // NOTE: all loads before any store: remote reads have microsecond latency, so keep
+        // UNROLL of them in flight per thread.
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            u32 j = base + u * THREADS;
+            if (j < d.vecs_per_plane) tmp[u] = load(reinterpret_cast<const V*>(from + cache_offset(s, src_ids, j, VEC)));
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            u32 j = base + u * THREADS;
+            if (j < d.vecs_per_plane) store(reinterpret_cast<V*>(to + cache_offset(d, dst_ids, j, VEC)), tmp[u]);
+        }
+    }
+}
+
 #ifdef KVLINK_INSTANTIATE_ALL
 // For offline compile checks (nvcc -cubin); at run time NVRTC instantiates through name expressions.
 #define KVLINK_INSTANTIATE(VEC)                                                                      \
     template __global__ void kvlink_pack<VEC>(const unsigned char*, const u64*, unsigned char*);      \
-    template __global__ void kvlink_unpack<VEC>(const unsigned char*, const u64*, const unsigned char*, int*);
+    template __global__ void kvlink_unpack<VEC>(const unsigned char*, const u64*, const unsigned char*, int*); \
+    template __global__ void kvlink_copy<VEC>(const unsigned char*, const u64*, const unsigned char*, const u64*);
 KVLINK_INSTANTIATE(16)
 KVLINK_INSTANTIATE(8)
 KVLINK_INSTANTIATE(4)

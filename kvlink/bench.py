@@ -6,8 +6,10 @@
 It starts the prefill and decode sides itself (one process each), sweeps request sizes, and
 for each size measures, in the same run:
 
-- ``kvlink``: a decode-side pull through :class:`kvlink.Endpoint` (pack -> send -> unpack,
-  pipelined), timed from ``pull()`` to completion seen by the host;
+- ``kvlink``: a decode-side pull through :class:`kvlink.Endpoint`, timed from ``pull()`` to
+  completion seen by the host, on the transport the endpoints pick (``--transport``): on two
+  GPUs of one host CUDA IPC (one copy kernel reading across NVLink), else NCCL (pack -> send ->
+  unpack, pipelined), or the host path;
 - ``raw``: one send/recv of the same number of contiguous bytes, the sender already waiting
   (NCCL on GPUs, ZeroMQ on the host path): the wire's own time;
 - ``naive``: gather with torch (index_select per layer) -> one send -> scatter with torch.
@@ -39,7 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kvlink-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--backend", choices=("auto", "nccl", "host"), default="auto",
-                   help="auto: NCCL when two GPUs are visible, else the host (TCP) path")
+                   help="the baselines' wire: auto = NCCL when two GPUs are visible, else the host (TCP) path")
+    p.add_argument("--transport", choices=("auto", "ipc", "nccl", "host"), default="auto",
+                   help="kvlink's link between the two GPUs: auto = CUDA IPC on one host, else NCCL")
     p.add_argument("--layers", type=int, default=None, help="default 32 (GPU) / 4 (host path)")
     p.add_argument("--kv-heads", type=int, default=None, help="default 8 (GPU) / 4 (host path)")
     p.add_argument("--head-dim", type=int, default=None, help="default 128 (GPU) / 64 (host path)")
@@ -68,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     # The W1 shape (DESIGN.md) on GPUs; a shape a small CPU-only machine moves in seconds on the host path.
     args.backend = pick_backend(args.backend)
+    if args.backend == "host" and args.transport not in ("auto", "host"):
+        p.error(f"--transport {args.transport} needs GPUs; the host path links over TCP")
+    args.kvlink_transport = "host" if args.backend == "host" else args.transport
     w1 = args.backend == "nccl"
     for name, gpu_default, host_default in (("layers", 32, 4), ("kv_heads", 8, 4), ("head_dim", 128, 64),
                                             ("num_blocks", 2048, 512), ("tokens", [16, 128, 512, 1024, 4096],
@@ -207,7 +214,7 @@ def prefill_main(args, backend: str, conn, results) -> None:
     try:
         engine, layout = build_cache(args, args.seed, device)
         chunk_bytes = args.chunk_mb * MiB if args.chunk_mb else None
-        endpoint = kvlink.Endpoint(layout, name="prefill", transport=backend, chunk_bytes=chunk_bytes,
+        endpoint = kvlink.Endpoint(layout, name="prefill", transport=args.kvlink_transport, chunk_bytes=chunk_bytes,
                                    timeout=args.timeout, max_ctas=args.max_ctas)
         conn.send(("address", endpoint.address))
         raw = None
@@ -386,9 +393,11 @@ def decode_main(args, backend: str, conn, results) -> None:
         free_before = torch.cuda.mem_get_info(1)[0] if backend == "nccl" else 0
         reserved_before = torch.cuda.memory_reserved(1) if backend == "nccl" else 0
         chunk_bytes = args.chunk_mb * MiB if args.chunk_mb else None
-        endpoint = kvlink.Endpoint(layout, name="decode", listen=None, transport=backend, chunk_bytes=chunk_bytes,
-                                   timeout=args.timeout, max_ctas=args.max_ctas)
+        endpoint = kvlink.Endpoint(layout, name="decode", listen=None, transport=args.kvlink_transport,
+                                   chunk_bytes=chunk_bytes, timeout=args.timeout, max_ctas=args.max_ctas)
         peer = endpoint.connect(address)
+        transport = endpoint.links()[0]["transport"]
+        print(f"kvlink link: transport {transport}", file=sys.stderr, flush=True)
 
         # ---- kvlink, one request at a time
         if "kvlink" in args.methods:
@@ -408,6 +417,7 @@ def decode_main(args, backend: str, conn, results) -> None:
                 t = statistics.median(times)
                 recorder.add(method="kvlink", tokens=num_tokens, bytes=num_tokens * token_bytes, time_us=t * 1e6,
                              GBps=num_tokens * token_bytes / t / 1e9, verified=wrong == 0, wrong_bytes=wrong,
+                             transport=transport,
                              chunks=handle.stats.chunks, decode_enqueue_us=statistics.median(enqueue) * 1e6,
                              prefill_enqueue_us=statistics.median(sender_enqueue) * 1e6)
 
@@ -445,7 +455,8 @@ def decode_main(args, backend: str, conn, results) -> None:
                 t = statistics.median(times)
                 total = n * num_tokens * token_bytes
                 recorder.add(method=f"kvlink x{n}", tokens=num_tokens, bytes=total, time_us=t * 1e6,
-                             GBps=total / t / 1e9, verified=wrong == 0, wrong_bytes=wrong, concurrent=n)
+                             GBps=total / t / 1e9, verified=wrong == 0, wrong_bytes=wrong, concurrent=n,
+                             transport=transport)
 
             # ---- layer-wise: prefill submits the layers one by one
             if args.layerwise:
@@ -463,7 +474,7 @@ def decode_main(args, backend: str, conn, results) -> None:
                 t = statistics.median(tails)
                 recorder.add(method="kvlink layerwise", tokens=num_tokens, bytes=num_tokens * token_bytes,
                              time_us=t * 1e6, GBps=0.0, verified=wrong == 0, wrong_bytes=wrong,
-                             note="time from the last layer_ready() to completion",
+                             note="time from the last layer_ready() to completion", transport=transport,
                              layer_bytes=num_tokens * token_bytes // args.layers)
 
             if backend == "nccl":
@@ -473,6 +484,7 @@ def decode_main(args, backend: str, conn, results) -> None:
                 outside_torch = (free_before - torch.cuda.mem_get_info(1)[0]) - (
                     torch.cuda.memory_reserved(1) - reserved_before)
                 results.put(("memory", {
+                    "transport": transport,
                     "decode_nccl_bytes_at_init": link["nccl_bytes"], "decode_nccl_bytes_now": outside_torch,
                     "decode_staging_bytes": link["staging_bytes"],
                     "prefill_nccl_bytes_at_init": prefill_links[0]["nccl_bytes"],
@@ -491,6 +503,7 @@ def decode_main(args, backend: str, conn, results) -> None:
 # ------------------------------------------------------------------------------------- report
 def table(records: list[dict], memory: dict | None) -> str:
     raw = {r["tokens"]: r for r in records if r["method"] == "raw"}
+    transports = sorted({r["transport"] for r in records if r.get("transport")})
     lines = [f"{'method':<18} {'tokens':>7} {'size(B)':>12} {'time(us)':>10} {'GB/s':>8} {'vs raw':>7} {'#wrong':>7}"]
     for r in records:
         base = raw.get(r["tokens"]) if r["method"] != "kvlink layerwise" else None
@@ -500,10 +513,11 @@ def table(records: list[dict], memory: dict | None) -> str:
         lines.append(f"{r['method']:<18} {r['tokens']:>7} {r['bytes']:>12} {r['time_us']:>10.1f} {r['GBps']:>8.2f} "
                      f"{ratio:>7} {r['wrong_bytes']:>7}")
     wrong = sum(r["wrong_bytes"] for r in records)
-    lines.append(f"# {len(records)} cases, {wrong} wrong bytes")
+    lines.append(f"# {len(records)} cases, {wrong} wrong bytes" +
+                 (f"; kvlink's link: transport {', '.join(transports)}" if transports else ""))
     if memory:
         per_side = max(memory["decode_nccl_bytes_now"], memory["decode_nccl_bytes_at_init"]) + memory["decode_staging_bytes"]
-        lines.append(f"# GPU memory per link, decode side: NCCL {memory['decode_nccl_bytes_at_init'] / MiB:.0f} MiB at init, "
+        lines.append(f"# GPU memory per link ({memory.get('transport', 'nccl')}), decode side: NCCL {memory['decode_nccl_bytes_at_init'] / MiB:.0f} MiB at init, "
                      f"{memory['decode_nccl_bytes_now'] / MiB:.0f} MiB after the transfers, staging "
                      f"{memory['decode_staging_bytes'] / MiB:.0f} MiB: {per_side / MiB:.0f} MiB in all; prefill side: NCCL "
                      f"{memory['prefill_nccl_bytes_at_init'] / MiB:.0f} MiB at init, staging {memory['prefill_staging_bytes'] / MiB:.0f} MiB")

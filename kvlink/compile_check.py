@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kvlink.kernels import VEC_WIDTHS, csrc_dir
+from kvlink.kernels import KERNEL_KINDS, VEC_WIDTHS, csrc_dir
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
 
@@ -37,7 +37,7 @@ def _compile_nvrtc(source: Path, arch: str) -> str:
         return rest[0] if rest else None
 
     program = check(nvrtc.nvrtcCreateProgram(source.read_bytes(), source.name.encode(), 0, [], []))
-    for kind in ("pack", "unpack"):
+    for kind in KERNEL_KINDS:
         for vec in VEC_WIDTHS:
             check(nvrtc.nvrtcAddNameExpression(program, f"kvlink_{kind}<{vec}>".encode()))
     options = [b"--std=c++17", f"--gpu-architecture={arch}".encode()]

@@ -8,9 +8,9 @@ produces a :class:`ProtocolError`, never a crash.
 Flow on one link (decode pulls from prefill):
 
     decode                               prefill
-    HELLO {fingerprint, layout, caps} -> 
-                                      <- WELCOME {transport, nccl_id, chunk_bytes}   (or REJECT)
-    PULL {xfer, request, src, dst n, tokens, plan}  ->
+    HELLO {fingerprint, layout, caps, ipc} ->
+                                      <- WELCOME {transport, nccl_id, chunk_bytes, ipc}   (or REJECT)
+    PULL {xfer, request, src, dst n, tokens, plan}  ->       (ipc transport: layer-wise pulls only)
                                       <- DATA {xfer, chunk} + bytes                   (host transport)
                                       <- SENT {xfer}            (all chunks handed to the wire)
                                       <- FAILED {xfer, reason}  (nothing of this pull will arrive)
@@ -31,12 +31,14 @@ MAX_CONTROL_BYTES = 1 << 20  # a pull for 100k blocks is ~0.6 MB; anything large
 # type -> {field: python type(s)}; every listed field is required.
 SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "HELLO": {"endpoint": (str,), "fingerprint": (str,), "layout": (dict,), "transports": (list,),
-              "host": (str,), "pid": (int,), "device": (str,), "chunk_bytes": (int,)},
+              "host": (str,), "pid": (int,), "device": (str,), "chunk_bytes": (int,),
+              "ipc": (dict, type(None))},  # kvlink.ipc: the layer counters' export (ipc transport offered)
     "WELCOME": {"endpoint": (str,), "transport": (str,), "nccl_id": (bytes, type(None)), "chunk_bytes": (int,),
-                "layout": (dict,)},
+                "layout": (dict,), "ipc": (dict, type(None))},  # ipc: the cache's export and byte strides
     "REJECT": {"reason": (str,)},
     "PULL": {"xfer": (int,), "request": (str,), "src_blocks": (list,), "num_tokens": (int,),
-             "layers": (list,), "heads": (list,), "chunks": (list,), "layerwise": (bool,)},
+             "layers": (list,), "heads": (list,), "chunks": (list,), "layerwise": (bool,),
+             "counter": (list,)},  # ipc layer-wise: [slot, base] of the decode side's layer counter
     "DATA": {"xfer": (int,), "chunk": (int,)},
     "SENT": {"xfer": (int,)},
     "FAILED": {"xfer": (int,), "reason": (str,)},

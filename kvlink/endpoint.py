@@ -16,6 +16,12 @@ Every ordering is a CUDA event between streams; the host never waits for the GPU
 from a preallocated staging pool, so chunk i+1 packs while chunk i is on the wire and chunk i-1
 unpacks. On the host (TCP) transport the same chunks travel as ZeroMQ messages.
 
+On the ipc transport (two processes on one host, kvlink.ipc) there is no pipeline: the decode
+side maps the prefill's cache at the handshake, and ``pull()`` itself queues one copy kernel
+that reads the source blocks across NVLink and writes the destination blocks, with no message
+to the prefill side until the NOTIFY. In layer-wise mode each layer's copy first waits, on the
+GPU, for a counter that the prefill's stream advances after that layer's forward pass.
+
 A background progress thread owns the ZeroMQ sockets and issues every NCCL call; the engine's
 threads talk to it through a command queue.
 """
@@ -37,9 +43,10 @@ import numpy as np
 import torch
 import zmq
 
-from kvlink import control, nccl
+from kvlink import control, ipc, nccl
 from kvlink.control import ProtocolError
-from kvlink.layout import CacheLayout, check_compatible
+from kvlink.kernels import _plane_table, launch_copy
+from kvlink.layout import CacheLayout, PeerLayout, check_compatible
 from kvlink.pack import _resolve_backend, pack_selection, prepare, unpack_selection
 from kvlink.plan import Box, box_payload_bytes, plan_chunks
 from kvlink.selection import HEADER_BYTES, block_ids_to_numpy, select
@@ -47,7 +54,9 @@ from kvlink.wire import STATUS_OK
 
 log = logging.getLogger("kvlink")
 
-TRANSPORTS = ("auto", "nccl", "host")
+TRANSPORTS = ("auto", "ipc", "nccl", "host")
+# ipc layer-wise pulls: int32 layer counters on the decode GPU that the prefill's stream advances
+COUNTER_SLOTS = 1024
 DEFAULT_TIMEOUT = float(os.environ.get("KVLINK_TIMEOUT", "30"))
 REFUSED_FLAG = 0x8000  # header flag of a chunk sent in place of data the prefill side refused
 
@@ -91,6 +100,8 @@ class TransferHandle:
         self._lock = threading.Lock()
         self._status_host: torch.Tensor | None = None  # pinned copy of the unpack status word
         self._refused_at: float | None = None  # when the GPU reported a refused chunk (waiting for the reason)
+        self._spin = False  # poll completion tightly (nothing left for the progress thread to do)
+        self._counter: tuple[int, int, int] | None = None  # ipc layer-wise: (slot, base, layers)
 
     @property
     def event(self) -> torch.cuda.Event | None:
@@ -134,9 +145,14 @@ class TransferHandle:
             if waited > timeout:
                 raise TimeoutError(f"request {self.request!r} from {self.peer}: not done after {timeout:.1f} s")
             # NOTE: completion is a CUDA event, which cannot be waited on with a timeout: poll it.
-            # Real sleeps, not sleep(0): a thread spinning on the GIL starves the progress thread
-            # (CPython hands the GIL over only every 5 ms to a thread that keeps re-taking it).
-            self._finished.wait(5e-5 if waited < 2e-3 else 1e-3)
+            # Real sleeps, not sleep(0), where the progress thread still has work for this pull: a
+            # thread spinning on the GIL starves it (CPython hands the GIL over only every 5 ms to
+            # a thread that keeps re-taking it). An ipc pull is all queued on the GPU already, so
+            # its first milliseconds are polled tightly (a sleep costs ~55 us of timer slack).
+            if self._spin and waited < 2e-3:
+                time.sleep(0)
+            else:
+                self._finished.wait(5e-5 if waited < 2e-3 else 1e-3)
         if self.error is not None:
             raise self.error
         return self
@@ -180,6 +196,9 @@ class _Link:
     serves: list = field(default_factory=list)      # prefill: pulls in arrival order
     pending: dict = field(default_factory=dict)     # decode: xfer -> handle
     failed: str | None = None
+    peer_layout: PeerLayout | None = None           # ipc, decode side: the prefill's cache, mapped here
+    peer_memory: ipc.PeerMemory | None = None       # ipc: what we mapped of the peer (cache or counters)
+    layer_stream: torch.cuda.Stream | None = None   # ipc, decode side: layer-wise copies (may wait on the GPU)
 
 
 @dataclass
@@ -194,6 +213,7 @@ class _Serve:
     enqueue_seconds: float = 0.0
     refused: str | None = None
     next_chunk: int = 0
+    counter: tuple[int, int] = (0, 0)  # ipc layer-wise: the decode side's counter slot and base value
 
 
 class Endpoint:
@@ -223,6 +243,8 @@ class Endpoint:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         if transport == "nccl" and (layout.device.type != "cuda" or not nccl.available()):
             raise ValueError(f"transport='nccl' needs a GPU cache and CuPy's NCCL; {layout.name} is on {layout.device}")
+        if transport == "ipc" and layout.device.type != "cuda":
+            raise ValueError(f"transport='ipc' needs a GPU cache; {layout.name} is on {layout.device}")
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         if max_links < 1:
@@ -251,11 +273,20 @@ class Endpoint:
         self._slots: list[_Slot] = []
         self._slot_cursor = 0
         self._pack_stream = self._unpack_stream = None
+        self._launch_lock = threading.Lock()  # ipc pulls launch on the caller's thread
+        self._counters = None
+        self._counter_values = [0] * COUNTER_SLOTS
+        self._counters_busy: set[int] = set()
+        self._counter_cursor = 0
+        self._ipc_cache = self._ipc_counters = None
+        self.ipc_unavailable: str | None = "not a GPU cache" if not self.on_gpu else None
         if self.on_gpu:
             self._pack_stream = torch.cuda.Stream(layout.device)
             self._unpack_stream = torch.cuda.Stream(layout.device)
+            self._release_stream = torch.cuda.Stream(layout.device)
             prepare(layout, self._pack_stream)
             prepare(layout, self._unpack_stream)
+            self._offer_ipc()
 
         self._context = zmq.Context()
         self._wake_send = self._context.socket(zmq.PAIR)
@@ -279,6 +310,29 @@ class Endpoint:
         self._thread = threading.Thread(target=self._run, name=f"kvlink-progress-{self.name}", daemon=True)
         self._thread.start()
         log.info("kvlink endpoint %s: %s, listening on %s", self.name, layout.describe(), self.address)
+
+    def _offer_ipc(self) -> None:
+        """Export our cache and layer counters for the ipc transport, or record why we cannot."""
+        if self.transport in ("nccl", "host"):
+            self.ipc_unavailable = f"transport={self.transport!r}"
+            return
+        reason = ipc.disabled_reason()
+        if reason is None:
+            try:
+                self._counters = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=self.layout.device)
+                torch.cuda.synchronize(self.device_index)  # zeroed before any peer stream reads it
+                self._ipc_counters = ipc.export_memory([self._counters.data_ptr()], self.device_index)
+                layout = self.layout
+                self._ipc_cache = {**ipc.export_memory(layout.plane_ptrs(), self.device_index),
+                                   "strides": [layout.block_stride, layout.token_stride, layout.head_stride]}
+            except ipc.IPCError as exc:
+                reason = str(exc)
+        if reason is not None:
+            self._ipc_cache = self._ipc_counters = None
+            self.ipc_unavailable = reason
+            if self.transport == "ipc":
+                raise ValueError(f"transport='ipc' is unavailable: {reason}")
+            log.info("kvlink %s: CUDA IPC not offered: %s", self.name, reason)
 
     # ================================================================== public API
     def connect(self, address: str, timeout: float | None = None) -> str:
@@ -318,6 +372,8 @@ class Endpoint:
                 src_heads[1] - src_heads[0] != dst_sel.num_selected_heads:
             raise ValueError(f"src_heads={src_heads} must lie in [0, {remote['num_heads']}) and match "
                              f"{dst_sel.num_selected_heads} destination heads")
+        if link.transport == "ipc":
+            return self._pull_ipc(link, request, dst_sel, src_ids, src_heads, layerwise)
         boxes = plan_chunks((dst_sel.layer_start, dst_sel.layer_stop), num_tokens, dst_sel.token_layer_bytes,
                             link.chunk_bytes, layerwise=layerwise)
         handle = TransferHandle(next(self._xfer_ids), request, peer, layerwise)
@@ -325,6 +381,65 @@ class Endpoint:
         handle.stats.chunks = len(boxes)
         self._post("pull", link, handle, dst_sel, src_ids, src_heads, boxes)
         return handle
+
+    def _pull_ipc(self, link: _Link, request: str, dst_sel, src_ids, src_heads, layerwise: bool) -> TransferHandle:
+        """Queue the copy kernel(s) of an ipc pull right here, on the caller's thread."""
+        started = time.perf_counter()
+        layers = (dst_sel.layer_start, dst_sel.layer_stop)
+        src_sel = select(link.peer_layout, src_ids, dst_sel.num_tokens, layers=layers, heads=src_heads)
+        handle = TransferHandle(next(self._xfer_ids), request, link.name, layerwise)
+        handle.stats.payload_bytes = dst_sel.payload_bytes
+        handle._spin = True
+        tokens = (0, dst_sel.num_tokens)
+        with self._launch_lock, torch.cuda.device(self.device_index):
+            if not layerwise:
+                stream = link.stream
+                launch_copy(src_sel, dst_sel, stream, max_ctas=self.max_ctas)
+                handle.stats.chunks = 1
+            else:
+                slot = self._take_counter(request, link.name)
+                base = self._counter_values[slot]
+                self._counter_values[slot] = (base + dst_sel.num_layers) & 0xFFFFFFFF
+                handle._counter = (slot, base, dst_sel.num_layers)
+                stream = link.layer_stream
+                address = self._counters.data_ptr() + 4 * slot
+                for i, layer in enumerate(range(*layers)):
+                    ipc.stream_wait_value(stream, address, base + i + 1)  # the prefill finished this layer
+                    launch_copy(src_sel.box((layer, layer + 1), tokens), dst_sel.box((layer, layer + 1), tokens),
+                                stream, max_ctas=self.max_ctas)
+                    handle._layer_events[layer] = event = torch.cuda.Event()
+                    event.record(stream)
+                handle.stats.chunks = dst_sel.num_layers
+            done = torch.cuda.Event()
+            done.record(stream)
+        handle._event = done
+        handle.stats.enqueue_seconds = time.perf_counter() - started
+        handle._enqueued.set()
+        self._post("track", link, handle, dst_sel)
+        return handle
+
+    def _take_counter(self, request: str, peer: str) -> int:
+        """A layer-counter slot no pending pull uses (caller holds the launch lock)."""
+        for _ in range(COUNTER_SLOTS):
+            slot = self._counter_cursor
+            self._counter_cursor = (slot + 1) % COUNTER_SLOTS
+            if slot not in self._counters_busy:
+                self._counters_busy.add(slot)
+                return slot
+        raise TransferError(f"request {request!r} from {peer}: {COUNTER_SLOTS} layer-wise pulls already in flight")
+
+    def _release_counter(self, handle: TransferHandle, failed: bool) -> None:
+        """Free a layer-wise ipc pull's counter; for a failed pull first let its waiting copies run,
+        so the stream is not blocked forever (its destination blocks are then reported invalid)."""
+        counter = handle._counter
+        if counter is None:
+            return
+        handle._counter = None
+        slot, base, num_layers = counter
+        if failed:
+            ipc.stream_write_value(self._release_stream, self._counters.data_ptr() + 4 * slot, base + num_layers)
+        with self._launch_lock:
+            self._counters_busy.discard(slot)
 
     def layer_ready(self, request: str, layer: int, stream: torch.cuda.Stream | None = None) -> None:
         """Prefill side, layer-wise mode: ``layer`` of ``request`` is written (by work queued on ``stream``)."""
@@ -344,9 +459,10 @@ class Endpoint:
 
     def links(self) -> list[dict]:
         """One dict per link: peer, role, transport, communicator and staging bytes."""
-        return [{"peer": l.name, "role": l.role, "transport": l.transport, "failed": l.failed,
-                 "nccl_bytes": l.comm.init_bytes if l.comm else 0,
-                 "staging_bytes": sum(s.buffer.numel() for s in self._slots)} for l in self._links.values()]
+        return [{"peer": link.name, "role": link.role, "transport": link.transport, "failed": link.failed,
+                 "nccl_bytes": link.comm.init_bytes if link.comm else 0,
+                 "staging_bytes": sum(s.buffer.numel() for s in self._slots) if link.transport == "nccl" else 0}
+                for link in self._links.values()]
 
     def close(self, timeout: float = 5.0) -> None:
         if self._closed:
@@ -459,14 +575,17 @@ class Endpoint:
                 reply[1]["result"] = self._connect(args[0], args[1], poller)
             elif kind == "pull":
                 self._start_pull(*args)
+            elif kind == "track":
+                self._track_ipc_pull(*args)
             elif kind == "layer_ready":
                 request, layer, event = args
                 self._ready_layers.setdefault(request, {})[layer] = event
         except Exception as exc:
             if reply is not None:
                 reply[1]["error"] = exc
-            elif kind == "pull":
+            elif kind in ("pull", "track"):
                 args[1]._finish(f"could not start: {exc}")
+                self._release_counter(args[1], failed=True)
             else:
                 log.exception("kvlink %s: command %s failed", self.name, kind)
         finally:
@@ -474,22 +593,29 @@ class Endpoint:
                 reply[0].set()
 
     # ------------------------------------------------------------------ handshake
-    def _hello(self) -> bytes:
+    def _transports(self, with_ipc: bool = True) -> list[str]:
+        """What this endpoint can link with, best first."""
+        if self.transport != "auto":
+            return [self.transport]
+        offered = ["ipc"] if with_ipc and self._ipc_cache is not None else []
+        offered += ["nccl"] if self.on_gpu and nccl.available() else []
+        return offered + ["host"]
+
+    def _hello(self, with_ipc: bool = True) -> bytes:
         device = ""
         if self.on_gpu:
             device = str(torch.cuda.get_device_properties(self.device_index).uuid)
-        transports = ["host"] + (["nccl"] if self.on_gpu and nccl.available() and self.transport != "host" else [])
-        if self.transport == "nccl":
-            transports = ["nccl"]
+        transports = self._transports(with_ipc)
         return control.encode("HELLO", endpoint=self.name, fingerprint=self.layout.fingerprint,
                               layout=self.layout.to_dict(), transports=transports, host=pysocket.gethostname(),
-                              pid=os.getpid(), device=device, chunk_bytes=self.chunk_bytes)
+                              pid=os.getpid(), device=device, chunk_bytes=self.chunk_bytes,
+                              ipc=self._ipc_counters if "ipc" in transports else None)
 
-    def _connect(self, address: str, timeout: float, poller) -> str:
+    def _connect(self, address: str, timeout: float, poller, with_ipc: bool = True) -> str:
         dealer = self._context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.connect(address)
-        dealer.send(self._hello())
+        dealer.send(self._hello(with_ipc))
         if not dealer.poll(int(timeout * 1000)):
             dealer.close()
             raise TimeoutError(f"endpoint {self.name}: no answer to HELLO from {address} within {timeout:.1f} s")
@@ -506,10 +632,31 @@ class Endpoint:
         if len(live) >= self.max_links:
             dealer.close()
             raise ConnectionRefusedError(f"{self.name} already has {len(live)} live links (max_links={self.max_links})")
+        if link.transport == "ipc":
+            try:
+                export = reply["ipc"]
+                link.peer_memory = ipc.import_memory(export, self.device_index)
+                link.peer_layout = PeerLayout.from_description(reply["layout"], export["strides"],
+                                                               link.peer_memory.addresses, self.layout.device)
+                _plane_table(link.peer_layout)  # uploaded now, not on the first pull
+            except (ipc.IPCError, KeyError, TypeError, ValueError) as exc:
+                if link.peer_memory is not None:
+                    link.peer_memory.close()
+                dealer.close()
+                if self.transport == "ipc":
+                    raise ConnectionError(f"CUDA IPC with {link.name} at {address} failed: {exc}") from exc
+                log.warning("kvlink %s: CUDA IPC with %s failed (%s); linking again without it", self.name,
+                            link.name, exc)
+                return self._connect(address, timeout, poller, with_ipc=False)
+            link.stream = torch.cuda.Stream(self.layout.device)
+            link.layer_stream = torch.cuda.Stream(self.layout.device)
         if link.transport == "nccl":
             link.comm = nccl.Communicator(reply["nccl_id"], 1, self.device_index, timeout=timeout, peer=link.name)
             link.stream = torch.cuda.Stream(self.layout.device)
             self._ensure_slots(link.chunk_bytes)
+        old = self._links.get(link.name)
+        if old is not None:
+            self._fail_link(old, "replaced by a new link")
         self._links[link.name] = link
         poller.register(dealer, zmq.POLLIN)
         self._log_link(link, address)
@@ -528,14 +675,22 @@ class Endpoint:
             log.error("kvlink %s: refusing %s: %s", self.name, peer, exc)
             self._router.send_multipart([identity, control.encode("REJECT", reason=str(exc))])
             return
-        ours = {"host"} | ({"nccl"} if self.on_gpu and nccl.available() and self.transport != "host" else set())
-        if self.transport == "nccl":
-            ours = {"nccl"}
+        ours = set(self._transports())
         same_gpu = self.on_gpu and message["device"] == str(torch.cuda.get_device_properties(self.device_index).uuid)
         common = ours & set(message["transports"])
         if same_gpu:
             common.discard("nccl")  # NCCL refuses two ranks on one GPU
-        transport = "nccl" if "nccl" in common else ("host" if "host" in common else None)
+        peer_counters = None
+        if "ipc" in common:
+            try:
+                if not isinstance(message["ipc"], dict):
+                    raise ipc.IPCError("the peer sent no IPC export")
+                peer_counters = ipc.import_memory(message["ipc"], self.device_index)
+            except (ipc.IPCError, KeyError, TypeError, ValueError) as exc:
+                common.discard("ipc")
+                log.warning("kvlink %s: CUDA IPC with %s unavailable (%s); using %s", self.name, peer,
+                            exc, "nccl" if "nccl" in common else "host")
+        transport = next((t for t in ("ipc", "nccl", "host") if t in common), None)
         if transport is None:
             reason = f"no common transport: ours {sorted(ours)}, theirs {message['transports']}" + \
                 (" (same GPU: NCCL cannot link a GPU to itself)" if same_gpu else "")
@@ -545,9 +700,11 @@ class Endpoint:
         nccl_id = nccl.unique_id() if transport == "nccl" else None
         self._router.send_multipart([identity, control.encode(
             "WELCOME", endpoint=self.name, transport=transport, nccl_id=nccl_id, chunk_bytes=chunk_bytes,
-            layout=self.layout.to_dict())])
+            layout=self.layout.to_dict(), ipc=self._ipc_cache if transport == "ipc" else None)])
         link = _Link(name=peer, role="prefill", transport=transport, remote_layout=message["layout"],
-                     chunk_bytes=chunk_bytes, identity=identity)
+                     chunk_bytes=chunk_bytes, identity=identity, peer_memory=peer_counters)
+        if transport == "ipc":
+            link.stream = torch.cuda.Stream(self.layout.device)  # advances the decode side's layer counters
         if transport == "nccl":
             try:
                 link.comm = nccl.Communicator(nccl_id, 0, self.device_index, timeout=self.timeout, peer=peer)
@@ -557,13 +714,17 @@ class Endpoint:
             link.stream = torch.cuda.Stream(self.layout.device)
             self._ensure_slots(chunk_bytes)
         old = self._links.get(peer)
-        if old is not None and old.comm is not None:
-            old.comm.abort()
+        if old is not None:
+            self._fail_link(old, "replaced by a new link", level=logging.INFO)
         self._links[peer] = link
         self._log_link(link, f"{message['host']} pid {message['pid']}")
 
     def _log_link(self, link: _Link, where: str) -> None:
-        if link.transport == "nccl":
+        if link.transport == "ipc":
+            log.info("kvlink %s <-> %s (%s): transport ipc (CUDA IPC on one host: the decode GPU reads the prefill "
+                     "GPU's blocks directly over NVLink or PCIe; no staging, no communicator) on GPU %d", self.name,
+                     link.name, where, self.device_index)
+        elif link.transport == "nccl":
             log.info("kvlink %s <-> %s (%s): transport nccl on GPU %d, communicator %.0f MiB, staging %d x %.0f MiB, "
                      "NCCL env %s", self.name, link.name, where, self.device_index, link.comm.init_bytes / 2**20,
                      len(self._slots), self.chunk_bytes / 2**20,
@@ -591,12 +752,26 @@ class Endpoint:
         link.socket.send(control.encode(
             "PULL", xfer=handle.xfer, request=handle.request, src_blocks=src_ids.tolist(),
             num_tokens=dst_sel.num_tokens, layers=[dst_sel.layer_start, dst_sel.layer_stop],
-            heads=list(src_heads), chunks=[list(b) for b in boxes], layerwise=handle.layerwise))
+            heads=list(src_heads), chunks=[list(b) for b in boxes], layerwise=handle.layerwise, counter=[0, 0]))
         if link.transport == "nccl":
             started = time.perf_counter()
             self._post_receives(link, handle, dst_sel, boxes)
             handle.stats.enqueue_seconds = time.perf_counter() - started
         handle._enqueued.set()
+
+    def _track_ipc_pull(self, link: _Link, handle: TransferHandle, dst_sel) -> None:
+        """Watch an ipc pull queued by pull(); a layer-wise one tells the prefill side its counter."""
+        if link.failed:
+            handle._finish(f"link failed: {link.failed}")
+            self._release_counter(handle, failed=True)
+            return
+        link.pending[handle.xfer] = handle
+        if handle._counter is not None:
+            slot, base, _ = handle._counter
+            link.socket.send(control.encode(
+                "PULL", xfer=handle.xfer, request=handle.request, src_blocks=[], num_tokens=dst_sel.num_tokens,
+                layers=[dst_sel.layer_start, dst_sel.layer_stop], heads=[0, 0], chunks=[], layerwise=True,
+                counter=[slot, base]))
 
     def _post_receives(self, link: _Link, handle: TransferHandle, dst_sel, boxes) -> None:
         layout, stream, unpack_stream = self.layout, link.stream, self._unpack_stream
@@ -686,8 +861,13 @@ class Endpoint:
             if not link.pending:
                 continue
             for xfer, handle in list(link.pending.items()):
+                if handle._counter is not None and not handle._finished.is_set() and \
+                        time.perf_counter() - handle._started > self.timeout:
+                    handle._finish(f"layers not all ready within {self.timeout:.1f} s; the destination blocks may "
+                                   "hold partial data")
                 if handle.done():
                     del link.pending[xfer]
+                    self._release_counter(handle, failed=handle.error is not None)
                     if link.failed is None:
                         link.socket.send(control.encode("NOTIFY", xfer=xfer, request=handle.request,
                                                         ok=handle.error is None))
@@ -718,6 +898,8 @@ class Endpoint:
             self._fail_link(link, f"peer closed: {message['reason']}", level=logging.INFO)
 
     def _on_pull(self, link: _Link, message: dict) -> None:
+        if link.transport == "ipc":
+            return self._on_ipc_pull(link, message)
         serve = _Serve(xfer=message["xfer"], request=message["request"], num_tokens=message["num_tokens"],
                        heads=(0, 0), boxes=[], layerwise=message["layerwise"])
         try:
@@ -747,6 +929,28 @@ class Endpoint:
                 return
         link.serves.append(serve)
 
+    def _on_ipc_pull(self, link: _Link, message: dict) -> None:
+        """A layer-wise pull on the ipc link: the decode side's copies wait for our layer counter."""
+        serve = _Serve(xfer=message["xfer"], request=message["request"], num_tokens=message["num_tokens"],
+                       heads=(0, 0), boxes=[], layerwise=True)
+        try:
+            layers = tuple(control.int_list(message, "layers", length=2))
+            counter = tuple(control.int_list(message, "counter", length=2))
+            if not message["layerwise"]:
+                raise ValueError("only layer-wise pulls travel to the prefill side on the ipc transport")
+            if not 0 <= layers[0] < layers[1] <= self.layout.num_layers:
+                raise ValueError(f"layers {list(layers)} outside [0, {self.layout.num_layers})")
+            if not (0 <= counter[0] < COUNTER_SLOTS and 0 <= counter[1] < 2**32):
+                raise ValueError(f"counter {list(counter)} outside [0, {COUNTER_SLOTS}) x [0, 2**32)")
+        except (ValueError, ProtocolError) as exc:
+            log.error("kvlink %s: refusing pull %d (request %r) from %s: %s", self.name, serve.xfer, serve.request,
+                      link.name, exc)
+            self._router.send_multipart([link.identity, control.encode("FAILED", xfer=serve.xfer, reason=str(exc))])
+            return
+        serve.boxes = [(layer, layer + 1, 0, serve.num_tokens) for layer in range(*layers)]
+        serve.counter = counter
+        link.serves.append(serve)
+
     def _advance_serves(self) -> None:
         for link in self._links.values():
             while link.serves:
@@ -773,8 +977,17 @@ class Endpoint:
         ready = self._ready_layers.get(serve.request, {})
         while serve.next_chunk < len(serve.boxes):
             box = serve.boxes[serve.next_chunk]
-            if serve.layerwise and serve.refused is None and any(l not in ready for l in range(box[0], box[1])):
+            if serve.layerwise and serve.refused is None and any(layer not in ready for layer in range(box[0], box[1])):
                 return False
+            if link.transport == "ipc":
+                # the layer's writes (ordered by its event), then the decode side's counter
+                event = ready.get(box[0])
+                if event is not None:
+                    link.stream.wait_event(event)
+                slot, base = serve.counter
+                ipc.stream_write_value(link.stream, link.peer_memory.addresses[0] + 4 * slot, base + serve.next_chunk + 1)
+                serve.next_chunk += 1
+                continue
             nbytes = None if serve.refused else HEADER_BYTES + box_payload_bytes(box, serve.sel.token_layer_bytes)
             if link.transport == "nccl":
                 started = time.perf_counter()
@@ -848,6 +1061,7 @@ class Endpoint:
         log.log(level, "kvlink %s: link to %s down: %s", self.name, link.name, reason)
         for handle in link.pending.values():
             handle._finish(f"link failed: {reason}")
+            self._release_counter(handle, failed=True)
         link.pending.clear()
         link.serves.clear()
         if link.comm is not None:
@@ -865,6 +1079,13 @@ class Endpoint:
                 pass
             for handle in link.pending.values():
                 handle._finish("endpoint closed")
+                self._release_counter(handle, failed=True)
             if link.comm is not None:
                 link.comm.abort()  # frees NCCL's memory without waiting on a peer that may be gone
+        for link in self._links.values():
+            if link.peer_memory is not None:
+                for stream in (link.stream, link.layer_stream):
+                    if stream is not None:
+                        stream.synchronize()  # no copy still reads the mapping (waiting copies were released)
+                link.peer_memory.close()
         self._links.clear()

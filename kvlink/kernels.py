@@ -29,6 +29,7 @@ UNROLL = int(_defines.get("UNROLL", 4))
 # per SM (KVLINK_CTAS_PER_SM, for tuning).
 CTAS_PER_SM = int(os.environ.get("KVLINK_CTAS_PER_SM", "0"))
 VEC_WIDTHS = (16, 8, 4, 2, 1)
+KERNEL_KINDS = ("pack", "unpack", "copy")
 META_HEADER_OFFSET = 128
 META_BLOCK_IDS_OFFSET = 192
 SOURCE_NAME = "pack_unpack.cu"
@@ -89,7 +90,7 @@ def cuda_available() -> bool:
 def _module(device_index: int):
     import cupy
 
-    names = [f"kvlink_{kind}<{vec}>" for kind in ("pack", "unpack") for vec in VEC_WIDTHS]
+    names = [f"kvlink_{kind}<{vec}>" for kind in KERNEL_KINDS for vec in VEC_WIDTHS]
     with cupy.cuda.Device(device_index):
         # CuPy picks the device's architecture itself.
         module = cupy.RawModule(code=kernel_source(), options=EXTRA_OPTIONS, name_expressions=names)
@@ -132,19 +133,28 @@ def _plane_table(layout) -> torch.Tensor:
     return table
 
 
-def _geometry(sel: Selection, chunk_ptr: int, status_overwrite: bool) -> tuple[bytes, int, int]:
-    """The Geometry record's bytes, the vector width and the number of tiles for this launch."""
-    layout = sel.layout
-    heads = sel.num_selected_heads
-    row_bytes = layout.row_bytes
+def _row_split(sels: tuple[Selection, ...], extra_alignment: int) -> tuple[int, int, int]:
+    """(vector width, row bytes, heads per row) valid for every selection in ``sels``.
+
+    A token's selected heads merge into one row when they sit back to back in every cache:
+    fewer divisions per vector, and the common NHD case becomes runs of heads*head_dim bytes.
+    """
+    first = sels[0]
+    heads = first.num_selected_heads
+    row_bytes = first.layout.row_bytes
     heads_per_token = heads
-    # NOTE: merge a token's selected heads into one row when they sit back to back in the cache:
-    # fewer divisions per vector, and the common NHD case becomes runs of heads*head_dim bytes.
-    if layout.head_stride == row_bytes or heads == 1:
+    if heads == 1 or all(s.layout.head_stride == s.layout.row_bytes for s in sels):
         row_bytes *= heads
         heads_per_token = 1
-    alignment = math.gcd(_layout_facts(layout)["alignment"], row_bytes, chunk_ptr + 64, sel.plane_bytes)
+    alignment = math.gcd(extra_alignment, row_bytes, *(_layout_facts(s.layout)["alignment"] for s in sels))
     vec = next(w for w in VEC_WIDTHS if alignment % w == 0)
+    return vec, row_bytes, heads_per_token
+
+
+def _geometry_record(sel: Selection, vec: int, row_bytes: int, heads_per_token: int,
+                     status_overwrite: bool) -> tuple[bytes, int]:
+    """The Geometry record's bytes and the number of tiles for ``sel`` cut into ``vec``-byte vectors."""
+    layout = sel.layout
     vecs_per_row = row_bytes // vec
     vecs_per_plane = sel.num_selected_tokens * heads_per_token * vecs_per_row
     if vecs_per_plane >= 2**31:
@@ -166,7 +176,28 @@ def _geometry(sel: Selection, chunk_ptr: int, status_overwrite: bool) -> tuple[b
         sel.token_start, sel.head_start, HEADER_CHECK_MASK,
         tiles_per_plane, *fast_divisor(tiles_per_plane), num_tiles, int(status_overwrite),
     )
-    return np.array(record, dtype=GEOMETRY_DTYPE).tobytes(), vec, num_tiles
+    return np.array(record, dtype=GEOMETRY_DTYPE).tobytes(), num_tiles
+
+
+def _geometry(sel: Selection, chunk_ptr: int, status_overwrite: bool) -> tuple[bytes, int, int]:
+    """The Geometry record's bytes, the vector width and the number of tiles for a pack/unpack launch."""
+    vec, row_bytes, heads_per_token = _row_split((sel,), math.gcd(chunk_ptr + 64, sel.plane_bytes))
+    record, num_tiles = _geometry_record(sel, vec, row_bytes, heads_per_token, status_overwrite)
+    return record, vec, num_tiles
+
+
+def _copy_geometry(src: Selection, dst: Selection) -> tuple[bytes, bytes, int, int]:
+    """Source and destination Geometry records of one copy launch (same vectors on both sides)."""
+    if (src.num_planes, src.num_selected_tokens, src.num_selected_heads) != \
+            (dst.num_planes, dst.num_selected_tokens, dst.num_selected_heads) or \
+            src.layout.row_bytes != dst.layout.row_bytes:
+        raise ValueError(f"copy boxes differ: source {src.num_planes} planes x {src.num_selected_tokens} tokens x "
+                         f"{src.num_selected_heads} heads, destination {dst.num_planes} x {dst.num_selected_tokens} "
+                         f"x {dst.num_selected_heads}")
+    vec, row_bytes, heads_per_token = _row_split((src, dst), 0)
+    src_record, num_tiles = _geometry_record(src, vec, row_bytes, heads_per_token, False)
+    dst_record, _ = _geometry_record(dst, vec, row_bytes, heads_per_token, False)
+    return src_record, dst_record, vec, num_tiles
 
 
 class _MetadataRing:
@@ -179,7 +210,7 @@ class _MetadataRing:
     never waits.
     """
 
-    SLOT_BYTES = 4096  # fits 976 block ids
+    SLOT_BYTES = 16384  # fits a copy's two records with 1952 block ids each
     NUM_SLOTS = 128
 
     def __init__(self, device_index: int):
@@ -212,23 +243,32 @@ class _MetadataRing:
 _RINGS: dict[tuple[int, int], _MetadataRing] = {}
 
 
-def _upload_metadata(sel: Selection, geometry: bytes, header: bytes, stream) -> tuple[int, object]:
-    """Copy [Geometry | header | block ids] to the device on ``stream``; (device address, keep-alive)."""
-    meta = b"".join((geometry, bytes(META_HEADER_OFFSET - len(geometry)), header,
-                     sel.block_ids.astype("<i4", copy=False).tobytes()))
-    key = (sel.layout.device.index, stream.cuda_stream)
+def _metadata(geometry: bytes, header: bytes, block_ids) -> bytes:
+    """One launch record: [Geometry | pad to 128 | header (64 B) | block ids (int32)], padded to 16 bytes."""
+    ids = block_ids.astype("<i4", copy=False).tobytes()
+    pad = -(META_BLOCK_IDS_OFFSET + len(ids)) % 16
+    return b"".join((geometry, bytes(META_HEADER_OFFSET - len(geometry)), header.ljust(64, b"\0"), ids, bytes(pad)))
+
+
+def _upload(meta: bytes, device: torch.device, stream) -> tuple[int, object]:
+    """Copy ``meta`` to the device on ``stream``; (device address, keep-alive)."""
+    key = (device.index, stream.cuda_stream)
     ring = _RINGS.get(key)
     if ring is None:
-        ring = _RINGS[key] = _MetadataRing(sel.layout.device.index)
+        ring = _RINGS[key] = _MetadataRing(device.index)
     address = ring.upload(meta, stream)
     if address is not None:
         return address, ring
     # Fallback: a pinned copy of its own, allocated on ``stream`` so torch's caching allocators
     # keep both sides until the stream has used them.
     with torch.cuda.stream(stream):
-        device_meta = torch.frombuffer(bytearray(meta), dtype=torch.uint8).pin_memory().to(
-            sel.layout.device, non_blocking=True)
+        device_meta = torch.frombuffer(bytearray(meta), dtype=torch.uint8).pin_memory().to(device, non_blocking=True)
     return device_meta.data_ptr(), device_meta
+
+
+def _upload_metadata(sel: Selection, geometry: bytes, header: bytes, stream) -> tuple[int, object]:
+    """Copy [Geometry | header | block ids] to the device on ``stream``; (device address, keep-alive)."""
+    return _upload(_metadata(geometry, header, sel.block_ids), sel.layout.device, stream)
 
 
 @functools.lru_cache(maxsize=None)
@@ -264,7 +304,7 @@ def _cupy_stream(stream: torch.cuda.Stream, device_index: int):
 def prepare(layout, stream: torch.cuda.Stream) -> None:
     """One-time setup off the critical path: compile the kernels, upload the plane table, make the stream's metadata ring."""
     device_index = layout.device.index
-    for kind in ("pack", "unpack"):
+    for kind in KERNEL_KINDS:
         for vec in VEC_WIDTHS:
             _kernel(device_index, kind, vec)
     _plane_table(layout)
@@ -297,3 +337,21 @@ def launch(kind: str, sel: Selection, chunk: torch.Tensor, stream: torch.cuda.St
     with cupy.cuda.Device(device_index), _cupy_stream(stream, device_index):
         kernel((_grid(sel, num_tiles, max_ctas),), (THREADS,), tuple(args))
     return status
+
+
+def launch_copy(src: Selection, dst: Selection, stream: torch.cuda.Stream, *, max_ctas: int | None = None) -> None:
+    """Launch ``kvlink_copy``: the box ``src`` (any cache addressable from this GPU, a peer's
+    included) into the box ``dst`` of a cache on this GPU, on ``stream``."""
+    import cupy
+
+    device_index = dst.layout.device.index
+    src_geometry, dst_geometry, vec, num_tiles = _copy_geometry(src, dst)
+    src_meta = _metadata(src_geometry, b"", src.block_ids)
+    meta_address, _keep_alive = _upload(src_meta + _metadata(dst_geometry, b"", dst.block_ids), dst.layout.device,
+                                        stream)
+    src_planes = _plane_table(src.layout).data_ptr() + 8 * src.first_plane
+    dst_planes = _plane_table(dst.layout).data_ptr() + 8 * dst.first_plane
+    args = (np.uint64(meta_address), np.uint64(src_planes), np.uint64(meta_address + len(src_meta)),
+            np.uint64(dst_planes))
+    with cupy.cuda.Device(device_index), _cupy_stream(stream, device_index):
+        _kernel(device_index, "copy", vec)((_grid(dst, num_tiles, max_ctas),), (THREADS,), args)

@@ -238,3 +238,43 @@ def _check_no_self_overlap(name: str, shape: Sequence[int], strides: Sequence[in
                 f"{name}: the view's strides {tuple(strides)} for shape {tuple(shape)} make cache entries overlap"
             )
         extent = stride * (size - 1) + extent
+
+
+@dataclass(frozen=True, eq=False)
+class PeerLayout(CacheLayout):
+    """A peer process's cache, mapped into this process by CUDA IPC (kvlink.ipc).
+
+    Same geometry as the peer's :class:`CacheLayout`, but the planes are bare addresses valid on
+    ``device`` (this process's GPU), with no tensors: only the copy kernel reads them.
+    """
+
+    mapped_ptrs: tuple[int, ...] = ()
+    element_bytes: int = 0
+
+    @classmethod
+    def from_description(cls, description: dict, strides: list[int], addresses: list[int],
+                         device: torch.device) -> PeerLayout:
+        """Build from the peer's :meth:`CacheLayout.to_dict`, byte strides and mapped plane addresses."""
+        dtype = getattr(torch, description["dtype"], None)
+        if dtype not in DTYPE_CODES:
+            raise ValueError(f"peer cache dtype {description['dtype']!r} is not one kvlink supports")
+        planes = description["num_layers"] * description["num_kv"]
+        if len(addresses) != planes or len(strides) != 3:
+            raise ValueError(f"peer cache description holds {len(addresses)} plane addresses for {planes} planes")
+        return cls(name=f"peer:{description['name']}", num_layers=description["num_layers"],
+                   num_kv=description["num_kv"], num_blocks=description["num_blocks"],
+                   block_size=description["block_size"], num_heads=description["num_heads"],
+                   head_dim=description["head_dim"], dtype=dtype, device=device, block_stride=int(strides[0]),
+                   token_stride=int(strides[1]), head_stride=int(strides[2]), planes=(),
+                   mapped_ptrs=tuple(int(a) for a in addresses),
+                   element_bytes=torch.empty(0, dtype=dtype).element_size())
+
+    @property
+    def element_size(self) -> int:
+        return self.element_bytes
+
+    def plane_ptrs(self) -> list[int]:
+        return list(self.mapped_ptrs)
+
+    def plane(self, layer_idx: int, kv_idx: int = 0) -> torch.Tensor:
+        raise TypeError(f"{self.name} is a peer's cache mapped by address; it has no tensors")

@@ -10,11 +10,12 @@ from kvlink.control import ProtocolError
 def test_roundtrip_of_every_message_type():
     samples = {
         "HELLO": dict(endpoint="d", fingerprint="ab", layout={"num_layers": 2}, transports=["host"], host="h",
-                      pid=1, device="", chunk_bytes=1 << 20),
-        "WELCOME": dict(endpoint="p", transport="nccl", nccl_id=b"\x00" * 128, chunk_bytes=1 << 20, layout={}),
+                      pid=1, device="", chunk_bytes=1 << 20, ipc=None),
+        "WELCOME": dict(endpoint="p", transport="nccl", nccl_id=b"\x00" * 128, chunk_bytes=1 << 20, layout={},
+                        ipc={"strides": [1, 2, 3]}),
         "REJECT": dict(reason="no"),
         "PULL": dict(xfer=1, request="r", src_blocks=[1, 2], num_tokens=20, layers=[0, 2], heads=[0, 8],
-                     chunks=[[0, 2, 0, 20]], layerwise=False),
+                     chunks=[[0, 2, 0, 20]], layerwise=False, counter=[0, 0]),
         "DATA": dict(xfer=1, chunk=0),
         "SENT": dict(xfer=1),
         "FAILED": dict(xfer=1, reason="x"),
@@ -46,7 +47,8 @@ def test_malformed_messages_are_refused(data, match):
 
 def test_int_lists_are_checked():
     message = control.decode(control.encode("PULL", xfer=1, request="r", src_blocks=[1, "2"], num_tokens=20,
-                                            layers=[0, 2], heads=[0, 8, 9], chunks=[], layerwise=False))
+                                            layers=[0, 2], heads=[0, 8, 9], chunks=[], layerwise=False,
+                                            counter=[0, 0]))
     with pytest.raises(ProtocolError, match="src_blocks must hold ints"):
         control.int_list(message, "src_blocks")
     with pytest.raises(ProtocolError, match="heads has 3 items, expected 2"):

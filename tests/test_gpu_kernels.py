@@ -159,3 +159,52 @@ def test_many_queued_launches_reuse_metadata_slots_safely(generator):
         expected = torch.empty_like(chunk)
         kvlink.pack(src.layout, ids, num_tokens, expected, backend="torch")
         assert torch.equal(chunk, expected)
+
+
+# ---------------------------------------------------------------------------- the copy kernel (ipc transport)
+def copy_and_verify(src, dst, num_tokens, generator, *, layers=None, src_heads=None, dst_heads=None, max_ctas=None):
+    """kvlink_copy from ``src`` into ``dst`` (random blocks each); every selected row equal, nothing else written."""
+    from kvlink.kernels import launch_copy
+    from kvlink.selection import select
+    from roundtrip import capture_rows, verify_unpacked
+    layers = layers or (0, src.layout.num_layers)
+    src_heads = src_heads or (0, src.layout.num_heads)
+    dst_heads = dst_heads or (0, dst.layout.num_heads)
+    src_ids = random_blocks(src.layout, num_tokens, generator)
+    dst_ids = random_blocks(dst.layout, num_tokens, generator)
+    before = snapshot(dst.preset, dst.engine)
+    saved = capture_rows(dst, dst_ids, layers=layers, tokens=(0, num_tokens), dst_heads=slice(*dst_heads))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    launch_copy(select(src.layout, src_ids, num_tokens, layers=layers, heads=src_heads),
+                select(dst.layout, dst_ids, num_tokens, layers=layers, heads=dst_heads, destination=True),
+                stream, max_ctas=max_ctas)
+    torch.cuda.current_stream().wait_stream(stream)
+    verify_unpacked(src, src_ids, dst, dst_ids, before, saved, layers=layers, tokens=(0, num_tokens),
+                    src_heads=slice(*src_heads), dst_heads=slice(*dst_heads))
+
+
+@pytest.mark.parametrize("preset", presets.PRESETS)
+def test_copy_kernel_between_layouts_and_block_sizes(preset, generator):
+    other = {"vllm_mla": "sglang_mla", "sglang_mla": "vllm_mla"}.get(preset, "flashinfer_hnd")
+    a = gpu_cache(preset, generator, block_size=16)
+    b = gpu_cache(other, generator, block_size=8, num_blocks=90)
+    num_tokens = 16 * 11 + 5
+    copy_and_verify(a, b, num_tokens, generator)
+    copy_and_verify(b, a, num_tokens, generator)
+
+
+@pytest.mark.parametrize("num_blocks,max_ctas", [(1, None), (4096, 64), (300, 1)])
+def test_copy_kernel_one_block_many_blocks_small_grids(num_blocks, max_ctas, generator):
+    a = gpu_cache("vllm_flash_attn_nhd", generator, num_layers=2, num_blocks=num_blocks + 3, block_size=16,
+                  num_heads=2, head_dim=64)
+    b = gpu_cache("vllm_2026_lhnbc", generator, num_layers=2, num_blocks=num_blocks + 5, block_size=16, num_heads=2,
+                  head_dim=64)
+    copy_and_verify(a, b, 16 * num_blocks - 3 if num_blocks > 1 else 1, generator, max_ctas=max_ctas)
+
+
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float16, 36), (torch.bfloat16, 13), (torch.float32, 7)])
+def test_copy_kernel_odd_rows_and_head_ranges(dtype, head_dim, generator):
+    a = gpu_cache("vllm_flash_attn_hnd", generator, dtype=dtype, head_dim=head_dim, num_heads=8)
+    b = gpu_cache("sglang_mha", generator, dtype=dtype, head_dim=head_dim, num_heads=4, block_size=32)
+    copy_and_verify(a, b, 77, generator, layers=(1, 3), src_heads=(5, 8), dst_heads=(1, 4))

@@ -30,6 +30,11 @@ def storage_bytes(tensor):
 def model_offsets(sel, chunk_ptr):
     """(geometry, vec, per-plane byte offsets of every vector) as the CUDA kernel computes them."""
     geometry_bytes, vec, num_tiles = kernels._geometry(sel, chunk_ptr, status_overwrite=False)
+    return model_walk(sel, geometry_bytes, vec, num_tiles)
+
+
+def model_walk(sel, geometry_bytes, vec, num_tiles):
+    """The tile walk and addressing of one Geometry record over ``sel``'s blocks."""
     g = np.frombuffer(geometry_bytes, dtype=kernels.GEOMETRY_DTYPE)[0]
     tile = kernels.THREADS * kernels.UNROLL
     assert num_tiles == g["num_tiles"] == g["num_planes"] * g["tiles_per_plane"]
@@ -120,3 +125,62 @@ def test_vector_width_follows_alignment(generator):
     assert widths[0] == (16 if base == 0 else widths[0])
     assert all(w <= 16 and (chunk[off:].data_ptr() + 64) % w == 0 for off, w in widths.items())
     assert widths[1] in (1, 2, 4, 8, 16) and (chunk[1:].data_ptr() + 64) % widths[1] == 0
+
+
+COPY_CASES = [  # (source preset, destination preset, dtype, head_dim, source heads, destination heads, block sizes)
+    ("vllm_flash_attn_nhd", "flashinfer_hnd", torch.bfloat16, 64, (0, 4), (0, 4), (16, 8)),
+    ("vllm_flash_attn_hnd", "vllm_flash_attn_nhd", torch.bfloat16, 64, (1, 3), (2, 4), (16, 16)),
+    ("vllm_2026_lhnbc", "sglang_mha", torch.float16, 36, (0, 2), (2, 4), (8, 32)),
+    ("tensorrt_llm", "flashinfer_split_nhd", torch.float32, 7, (3, 4), (0, 1), (16, 4)),
+    ("vllm_mla", "sglang_mla", torch.uint8, 656, None, None, (16, 1)),
+]
+
+
+@pytest.mark.parametrize("src_preset,dst_preset,dtype,head_dim,src_heads,dst_heads,block_sizes", COPY_CASES)
+def test_model_of_the_copy_kernel_matches_pack_then_unpack(src_preset, dst_preset, dtype, head_dim, src_heads,
+                                                           dst_heads, block_sizes, generator):
+    """kvlink_copy (the ipc transport's kernel) must equal the reference pack -> unpack, layout conversion included."""
+    src = make_cache(src_preset, generator, dtype=dtype, head_dim=head_dim, block_size=block_sizes[0], num_blocks=40)
+    dst = make_cache(dst_preset, generator, dtype=dtype, head_dim=head_dim, block_size=block_sizes[1],
+                     num_blocks=40 * 16 // block_sizes[1] + 8)
+    num_tokens = 16 * 7 + 5
+    src_ids = random_blocks(src.layout, num_tokens, generator)
+    dst_ids = random_blocks(dst.layout, num_tokens, generator)
+    expected = make_cache(dst_preset, generator, dtype=dtype, head_dim=head_dim, block_size=block_sizes[1],
+                          num_blocks=dst.layout.num_blocks)
+    for plane_expected, plane_dst in zip(expected.layout.planes, dst.layout.planes):
+        plane_expected.copy_(plane_dst)
+    for layers, tokens in (((0, 3), (0, num_tokens)), ((1, 2), (17, 100))):
+        src_sel = select(src.layout, src_ids, num_tokens, layers=layers, tokens=tokens, heads=src_heads)
+        dst_sel = select(dst.layout, dst_ids, num_tokens, layers=layers, tokens=tokens, heads=dst_heads,
+                         destination=True)
+        src_geometry, dst_geometry, vec, num_tiles = kernels._copy_geometry(src_sel, dst_sel)
+        gs, _, src_offsets = model_walk(src_sel, src_geometry, vec, num_tiles)
+        gd, _, dst_offsets = model_walk(dst_sel, dst_geometry, vec, num_tiles)
+        assert gs["vecs_per_plane"] == gd["vecs_per_plane"] and gs["num_tiles"] == gd["num_tiles"] == num_tiles
+        lanes = np.arange(vec)
+        for p in range(gd["num_planes"]):
+            s_plane, d_plane = src_sel.layout.planes[src_sel.first_plane + p], dst.layout.planes[dst_sel.first_plane + p]
+            s_data, s_base = storage_bytes(s_plane)
+            d_data, d_base = storage_bytes(d_plane)
+            s_index = ((s_plane.data_ptr() - s_base) + src_offsets[:, None] + lanes[None, :]).ravel()
+            d_index = ((d_plane.data_ptr() - d_base) + dst_offsets[:, None] + lanes[None, :]).ravel()
+            d_data[d_index] = s_data[s_index]
+        # the reference: pack the source box, unpack it into the expected copy of the destination
+        chunk = torch.empty(src_sel.chunk_bytes, dtype=torch.uint8)
+        kvlink.pack(src.layout, src_ids, num_tokens, chunk, layers=layers, tokens=tokens, heads=src_heads)
+        kvlink.check_status(kvlink.unpack(expected.layout, dst_ids, num_tokens, chunk, layers=layers, tokens=tokens,
+                                          heads=dst_heads))
+        for got, want in zip(dst.layout.planes, expected.layout.planes):
+            assert torch.equal(got.view(torch.uint8) if got.dtype != torch.uint8 else got,
+                               want.view(torch.uint8) if want.dtype != torch.uint8 else want), \
+                f"{src_preset} -> {dst_preset}: the copy kernel model differs from pack -> unpack"
+
+
+def test_copy_refuses_boxes_of_different_shape(generator):
+    src = make_cache("vllm_flash_attn_nhd", generator, head_dim=64)
+    dst = make_cache("flashinfer_hnd", generator, head_dim=64)
+    a = select(src.layout, [0, 1], 20, heads=(0, 2))
+    b = select(dst.layout, [2, 3], 20, heads=(0, 3), destination=True)
+    with pytest.raises(ValueError, match="copy boxes differ"):
+        kernels._copy_geometry(a, b)

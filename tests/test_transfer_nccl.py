@@ -23,7 +23,8 @@ DST_SHAPE = dict(num_layers=4, num_blocks=700, block_size=8, num_heads=4, head_d
 
 @pytest.fixture(scope="module")
 def prefill():
-    process = PrefillProcess("vllm_flash_attn_nhd", SEED, SRC_SHAPE, device="cuda:0", chunk_bytes=1 << 20, timeout=20)
+    process = PrefillProcess("vllm_flash_attn_nhd", SEED, SRC_SHAPE, device="cuda:0", chunk_bytes=1 << 20, timeout=20,
+                             transport="nccl")
     process.decode_device = "cuda:1"
     yield process
     process.stop()
@@ -39,7 +40,8 @@ def decode(prefill, generator):
     from engine_access import random_fill
     torch.cuda.set_device(1)
     engine, layout = kvlink.presets.allocate(DST_PRESET, fill=random_fill(generator), device="cuda:1", **DST_SHAPE)
-    with kvlink.Endpoint(layout, name="decode", listen=None, chunk_bytes=1 << 20, timeout=20) as endpoint:
+    with kvlink.Endpoint(layout, name="decode", listen=None, chunk_bytes=1 << 20, timeout=20,
+                         transport="nccl") as endpoint:
         peer = endpoint.connect(prefill.address)
         assert endpoint.links()[0]["transport"] == "nccl"
         yield endpoint, peer, engine, layout
