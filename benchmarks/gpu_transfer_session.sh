@@ -19,9 +19,16 @@ nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$out
 nvidia-smi topo -m >> "$out/device.txt" 2>&1
 run_tests() {  # name, then pytest arguments
   local name=$1; shift
-  timeout 300 python3 -m pytest -q -x -p no:cacheprovider "$@" > "$out/tests_$name.log" 2>&1 || status=1
+  timeout 300 python3 -m pytest -q -x -p no:cacheprovider -o faulthandler_timeout=60 "$@" > "$out/tests_$name.log" 2>&1 || status=1
   echo "tests $name: $(tail -n 1 "$out/tests_$name.log")"
 }
+if [ "${KVLINK_SWEEP:-0}" = 1 ]; then  # the copy kernel's grid and unroll across NVLink
+  for unroll in 4 8; do
+    KVLINK_NVRTC_OPTIONS="-DKVLINK_UNROLL=$unroll" timeout 120 python3 benchmarks/ipc_copy_sweep.py \
+      > "$out/sweep-unroll$unroll.log" 2>&1 || status=1
+    cat "$out/sweep-unroll$unroll.log"
+  done
+fi
 for t in ${KVLINK_TESTS-kernels ipc nccl nccl_socket}; do
   case $t in
     kernels) run_tests kernels tests/test_gpu_kernels.py tests/test_kernel_model.py ;;

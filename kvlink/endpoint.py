@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import zmq
 
-from kvlink import control, ipc, nccl
+from kvlink import control, cuda_driver, ipc, nccl
 from kvlink.control import ProtocolError
 from kvlink.kernels import _plane_table, launch_copy
 from kvlink.layout import CacheLayout, PeerLayout, check_compatible
@@ -229,6 +229,9 @@ class Endpoint:
         num_slots: staging slots (GPU); 3 lets pack, wire and unpack overlap.
         timeout: seconds any wait may take before it fails with an error naming the peer.
         max_ctas: thread blocks pack/unpack may use while NCCL runs (default ``KVLINK_MAX_CTAS`` or 64).
+        ipc_max_ctas: thread blocks of an ipc pull's copy kernel (default ``KVLINK_IPC_MAX_CTAS`` or
+            264; 0 = one per tile): remote reads are latency-bound, so the copy needs more blocks
+            in flight than pack/unpack to fill NVLink.
         max_links: most live links (each NCCL link holds a communicator, ~100-250 MiB of GPU
             memory); a peer past the bound is refused at the handshake, naming the bound.
     """
@@ -236,7 +239,7 @@ class Endpoint:
     def __init__(self, layout: CacheLayout, *, name: str | None = None, listen: str | None = "tcp://127.0.0.1:0",
                  transport: str = "auto", chunk_bytes: int | None = None, num_slots: int = 3,
                  timeout: float = DEFAULT_TIMEOUT, heartbeat: float = 1.0, max_ctas: int | None = None,
-                 max_links: int = 8):
+                 max_links: int = 8, ipc_max_ctas: int | None = None):
         if not isinstance(layout, CacheLayout):
             raise TypeError(f"layout must be a kvlink CacheLayout, got {type(layout).__name__}")
         if transport not in TRANSPORTS:
@@ -262,6 +265,8 @@ class Endpoint:
         self.timeout = float(timeout)
         self.heartbeat = float(heartbeat)
         self.max_ctas = max_ctas if max_ctas is not None else int(os.environ.get("KVLINK_MAX_CTAS", "64"))
+        ipc_max_ctas = ipc_max_ctas if ipc_max_ctas is not None else int(os.environ.get("KVLINK_IPC_MAX_CTAS", "264"))
+        self.ipc_max_ctas = ipc_max_ctas or None
         self._backend = _resolve_backend(layout, "auto")  # CUDA kernels for a GPU cache when CuPy is here
         self._links: dict[str, _Link] = {}
         self._xfer_ids = itertools.count(1)
@@ -319,8 +324,10 @@ class Endpoint:
         reason = ipc.disabled_reason()
         if reason is None:
             try:
-                self._counters = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=self.layout.device)
-                torch.cuda.synchronize(self.device_index)  # zeroed before any peer stream reads it
+                side = torch.cuda.Stream(self.layout.device)
+                with torch.cuda.stream(side):
+                    self._counters = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=self.layout.device)
+                side.synchronize()  # zeroed before any peer stream reads it
                 self._ipc_counters = ipc.export_memory([self._counters.data_ptr()], self.device_index)
                 layout = self.layout
                 self._ipc_cache = {**ipc.export_memory(layout.plane_ptrs(), self.device_index),
@@ -394,7 +401,7 @@ class Endpoint:
         with self._launch_lock, torch.cuda.device(self.device_index):
             if not layerwise:
                 stream = link.stream
-                launch_copy(src_sel, dst_sel, stream, max_ctas=self.max_ctas)
+                launch_copy(src_sel, dst_sel, stream, max_ctas=self.ipc_max_ctas)
                 handle.stats.chunks = 1
             else:
                 slot = self._take_counter(request, link.name)
@@ -404,9 +411,9 @@ class Endpoint:
                 stream = link.layer_stream
                 address = self._counters.data_ptr() + 4 * slot
                 for i, layer in enumerate(range(*layers)):
-                    ipc.stream_wait_value(stream, address, base + i + 1)  # the prefill finished this layer
+                    cuda_driver.stream_wait_value(stream.cuda_stream, address, base + i + 1)  # the prefill finished this layer
                     launch_copy(src_sel.box((layer, layer + 1), tokens), dst_sel.box((layer, layer + 1), tokens),
-                                stream, max_ctas=self.max_ctas)
+                                stream, max_ctas=self.ipc_max_ctas)
                     handle._layer_events[layer] = event = torch.cuda.Event()
                     event.record(stream)
                 handle.stats.chunks = dst_sel.num_layers
@@ -437,7 +444,8 @@ class Endpoint:
         handle._counter = None
         slot, base, num_layers = counter
         if failed:
-            ipc.stream_write_value(self._release_stream, self._counters.data_ptr() + 4 * slot, base + num_layers)
+            cuda_driver.stream_write_value(self._release_stream.cuda_stream, self._counters.data_ptr() + 4 * slot,
+                                           base + num_layers)
         with self._launch_lock:
             self._counters_busy.discard(slot)
 
@@ -894,6 +902,10 @@ class Endpoint:
         elif kind == "NOTIFY":
             with self._notify_lock:
                 self._notifications.append((message["request"], message["ok"]))
+            if link.transport == "ipc" and not message["ok"]:
+                # the decode side gave up on a layer-wise pull (timeout, cancel): stop serving it, so
+                # the pulls queued behind it on this link move on
+                link.serves = [serve for serve in link.serves if serve.xfer != message["xfer"]]
         elif kind == "BYE":
             self._fail_link(link, f"peer closed: {message['reason']}", level=logging.INFO)
 
@@ -985,7 +997,8 @@ class Endpoint:
                 if event is not None:
                     link.stream.wait_event(event)
                 slot, base = serve.counter
-                ipc.stream_write_value(link.stream, link.peer_memory.addresses[0] + 4 * slot, base + serve.next_chunk + 1)
+                cuda_driver.stream_write_value(link.stream.cuda_stream, link.peer_memory.addresses[0] + 4 * slot,
+                                               base + serve.next_chunk + 1)
                 serve.next_chunk += 1
                 continue
             nbytes = None if serve.refused else HEADER_BYTES + box_payload_bytes(box, serve.sel.token_layer_bytes)

@@ -7,18 +7,17 @@ the data path. What it needs from CUDA:
 - ``export_memory`` / ``import_memory``: legacy CUDA IPC handles (``cudaIpcGetMemHandle``) of
   the allocations that hold a list of addresses, and the same addresses mapped in the peer's
   process. Two endpoints in one process skip IPC and share the addresses directly.
-- ``stream_wait_value`` / ``stream_write_value``: CUDA stream memory operations. In layer-wise
+- stream memory operations (kvlink.cuda_driver.stream_wait_value / stream_write_value). In layer-wise
   mode the prefill's stream writes a counter into the decode GPU's memory after each layer's
   forward pass, and the decode's copy for that layer waits on the counter on its own stream:
   neither host is in the loop.
 
-Driver entry points come from ``libcuda`` through ctypes (CuPy's runtime API covers the IPC
-handles but neither address ranges nor stream memory operations).
+Driver entry points come from ``libcuda`` through ctypes (kvlink.cuda_driver); CuPy's runtime API
+covers the IPC handles.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import socket
@@ -26,38 +25,14 @@ import threading
 
 import torch
 
+from kvlink import cuda_driver
+
 # cudaIpcMemLazyEnablePeerAccess: map a peer GPU's memory and enable peer access on first use.
 IPC_LAZY_ENABLE_PEER_ACCESS = 1
-# CUstreamWaitValue_flags: CU_STREAM_WAIT_VALUE_GEQ waits until (int32)(*addr - value) >= 0, a
-# cyclic comparison, so the counters may wrap.
-WAIT_VALUE_GEQ = 0x0
-WRITE_VALUE_DEFAULT = 0x0  # with a memory barrier: the layer's writes are visible before the counter
 
 
 class IPCError(RuntimeError):
     """CUDA IPC cannot link these two processes (the endpoint then uses another transport)."""
-
-
-@functools.lru_cache(maxsize=None)
-def _libcuda():
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError as exc:
-        raise IPCError(f"libcuda.so.1 not loadable: {exc}") from exc
-    u64, u32 = ctypes.c_uint64, ctypes.c_uint32
-    lib.cuMemGetAddressRange_v2.argtypes = [ctypes.POINTER(u64), ctypes.POINTER(ctypes.c_size_t), u64]
-    lib.cuStreamWaitValue32_v2.argtypes = [ctypes.c_void_p, u64, u32, ctypes.c_uint]
-    lib.cuStreamWriteValue32_v2.argtypes = [ctypes.c_void_p, u64, u32, ctypes.c_uint]
-    lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
-    lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
-    return lib
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        name = ctypes.c_char_p()
-        _libcuda().cuGetErrorName(result, ctypes.byref(name))
-        raise IPCError(f"{what} failed: {(name.value or b'?').decode()} ({result})")
 
 
 def disabled_reason() -> str | None:
@@ -68,8 +43,8 @@ def disabled_reason() -> str | None:
         return "no GPU"
     try:
         import cupy  # noqa: F401
-        _libcuda()
-    except Exception as exc:  # ImportError, IPCError
+        cuda_driver.libcuda()
+    except Exception as exc:  # ImportError, CudaDriverError
         return f"{type(exc).__name__}: {exc}"
     return None
 
@@ -89,9 +64,7 @@ def _current_context(device_index: int) -> None:
     """Make ``device_index``'s primary context current on this thread (driver calls need one)."""
     torch.cuda.set_device(device_index)
     torch.cuda.current_stream(device_index)  # initializes the device's context if nothing has yet
-    ctx = ctypes.c_void_p()
-    _check(_libcuda().cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
-    if not ctx.value:
+    if not cuda_driver.has_current_context():
         raise IPCError(f"no CUDA context current for GPU {device_index}")
 
 
@@ -104,24 +77,24 @@ def export_memory(addresses: list[int], device_index: int) -> dict:
     import cupy
 
     _current_context(device_index)
-    lib = _libcuda()
     bases: dict[int, int] = {}
     allocations, where = [], []
     for address in addresses:
-        base, size = ctypes.c_uint64(), ctypes.c_size_t()
-        _check(lib.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), address),
-               f"cuMemGetAddressRange({address:#x})")
-        index = bases.get(base.value)
+        try:
+            base, size = cuda_driver.address_range(address)
+        except cuda_driver.CudaDriverError as exc:
+            raise IPCError(str(exc)) from exc
+        index = bases.get(base)
         if index is None:
             try:
                 with cupy.cuda.Device(device_index):
-                    handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(base.value))
+                    handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(base))
             except cupy.cuda.runtime.CUDARuntimeError as exc:
-                raise IPCError(f"cudaIpcGetMemHandle of the allocation at {base.value:#x} ({size.value} bytes): "
+                raise IPCError(f"cudaIpcGetMemHandle of the allocation at {base:#x} ({size} bytes): "
                                f"{exc} (torch's expandable_segments cannot be shared through legacy IPC)") from exc
-            index = bases[base.value] = len(allocations)
-            allocations.append([handle, int(size.value)])
-        where.append([index, address - base.value])
+            index = bases[base] = len(allocations)
+            allocations.append([handle, int(size)])
+        where.append([index, address - base])
     return {"pid": os.getpid(), "host": host_identity(), "device": device_index,
             "device_uuid": str(torch.cuda.get_device_properties(device_index).uuid),
             "allocations": allocations, "where": where, "addresses": list(addresses)}
@@ -208,15 +181,3 @@ def import_memory(export: dict, device_index: int) -> PeerMemory:
         raise IPCError(f"cudaIpcOpenMemHandle of {len(export['allocations'])} allocations of pid {export.get('pid')} "
                        f"(GPU {export.get('device_uuid')}) on GPU {device_index}: {exc}") from exc
     return PeerMemory(addresses, handles, device_index)
-
-
-def stream_wait_value(stream: torch.cuda.Stream, address: int, value: int) -> None:
-    """Queue on ``stream``: wait until the int32 at ``address`` reaches ``value`` (cyclic >=)."""
-    _check(_libcuda().cuStreamWaitValue32_v2(ctypes.c_void_p(stream.cuda_stream), address, value & 0xFFFFFFFF,
-                                             WAIT_VALUE_GEQ), "cuStreamWaitValue32")
-
-
-def stream_write_value(stream: torch.cuda.Stream, address: int, value: int) -> None:
-    """Queue on ``stream``: write ``value`` to the int32 at ``address`` after the stream's prior work."""
-    _check(_libcuda().cuStreamWriteValue32_v2(ctypes.c_void_p(stream.cuda_stream), address, value & 0xFFFFFFFF,
-                                              WRITE_VALUE_DEFAULT), "cuStreamWriteValue32")

@@ -103,6 +103,42 @@ def _kernel(device_index: int, kind: str, vec: int):
     return _module(device_index).get_function(f"kvlink_{kind}<{vec}>")
 
 
+@functools.lru_cache(maxsize=None)
+def _function_handle(device_index: int, kind: str, vec: int) -> int | None:
+    """The kernel's CUfunction, for launches straight through the driver (None: launch through CuPy)."""
+    import cupy
+
+    try:
+        with cupy.cuda.Device(device_index):
+            return int(_kernel(device_index, kind, vec).kernel.ptr)
+    except Exception:  # a CuPy without RawKernel.kernel.ptr
+        return None
+
+
+_DRIVER_LAUNCH = [os.environ.get("KVLINK_DRIVER_LAUNCH", "1") == "1"]
+
+
+def _launch_kernel(device_index: int, kind: str, vec: int, grid: int, args: tuple[int, ...], stream) -> None:
+    """Launch on ``stream`` (the caller holds ``device_index`` current).
+
+    NOTE: through cuLaunchKernel directly when possible: CuPy's launch path (device and stream
+    context managers, argument boxing) costs tens of microseconds a call from Python, the same
+    order as a small request's whole transfer.
+    """
+    function = _function_handle(device_index, kind, vec) if _DRIVER_LAUNCH[0] else None
+    if function is not None:
+        from kvlink import cuda_driver
+        try:
+            cuda_driver.launch_kernel(function, grid, THREADS, args, stream.cuda_stream)
+            return
+        except cuda_driver.CudaDriverError:
+            _DRIVER_LAUNCH[0] = False  # e.g. no current context on this thread: CuPy sets one up
+    import cupy
+
+    with cupy.cuda.Device(device_index), _cupy_stream(stream, device_index):
+        _kernel(device_index, kind, vec)((grid,), (THREADS,), tuple(np.uint64(a) for a in args))
+
+
 def _layout_facts(layout) -> dict:
     """Per-layout facts every launch needs, computed once (frozen dataclass: stored out of band).
 
@@ -320,38 +356,32 @@ def launch(kind: str, sel: Selection, chunk: torch.Tensor, stream: torch.cuda.St
     For unpack, returns the int32 status word: ``status`` if given (only ever set to 1), else a
     new one the kernel sets to 0 or 1.
     """
-    import cupy
-
     device_index = sel.layout.device.index
     own_status = kind == "unpack" and status is None
     geometry, vec, num_tiles = _geometry(sel, chunk.data_ptr(), own_status)
-    meta_address, _keep_alive = _upload_metadata(sel, geometry, header, stream)
-    planes_ptr = _plane_table(sel.layout).data_ptr() + 8 * sel.first_plane
-    kernel = _kernel(device_index, kind, vec)
-    args = [np.uint64(meta_address), np.uint64(planes_ptr), np.uint64(chunk.data_ptr())]
-    if kind == "unpack":
-        if own_status:
-            status = torch.empty(1, dtype=torch.int32, device=sel.layout.device)
-            status.record_stream(stream)  # may be allocated for another stream; keep it until ours is done
-        args.append(np.uint64(status.data_ptr()))
-    with cupy.cuda.Device(device_index), _cupy_stream(stream, device_index):
-        kernel((_grid(sel, num_tiles, max_ctas),), (THREADS,), tuple(args))
+    with torch.cuda.device(device_index):
+        meta_address, _keep_alive = _upload_metadata(sel, geometry, header, stream)
+        planes_ptr = _plane_table(sel.layout).data_ptr() + 8 * sel.first_plane
+        args = [meta_address, planes_ptr, chunk.data_ptr()]
+        if kind == "unpack":
+            if own_status:
+                status = torch.empty(1, dtype=torch.int32, device=sel.layout.device)
+                status.record_stream(stream)  # may be allocated for another stream; keep it until ours is done
+            args.append(status.data_ptr())
+        _launch_kernel(device_index, kind, vec, _grid(sel, num_tiles, max_ctas), tuple(args), stream)
     return status
 
 
 def launch_copy(src: Selection, dst: Selection, stream: torch.cuda.Stream, *, max_ctas: int | None = None) -> None:
     """Launch ``kvlink_copy``: the box ``src`` (any cache addressable from this GPU, a peer's
     included) into the box ``dst`` of a cache on this GPU, on ``stream``."""
-    import cupy
-
     device_index = dst.layout.device.index
     src_geometry, dst_geometry, vec, num_tiles = _copy_geometry(src, dst)
     src_meta = _metadata(src_geometry, b"", src.block_ids)
-    meta_address, _keep_alive = _upload(src_meta + _metadata(dst_geometry, b"", dst.block_ids), dst.layout.device,
-                                        stream)
-    src_planes = _plane_table(src.layout).data_ptr() + 8 * src.first_plane
-    dst_planes = _plane_table(dst.layout).data_ptr() + 8 * dst.first_plane
-    args = (np.uint64(meta_address), np.uint64(src_planes), np.uint64(meta_address + len(src_meta)),
-            np.uint64(dst_planes))
-    with cupy.cuda.Device(device_index), _cupy_stream(stream, device_index):
-        _kernel(device_index, "copy", vec)((_grid(dst, num_tiles, max_ctas),), (THREADS,), args)
+    meta = src_meta + _metadata(dst_geometry, b"", dst.block_ids)
+    with torch.cuda.device(device_index):
+        meta_address, _keep_alive = _upload(meta, dst.layout.device, stream)
+        src_planes = _plane_table(src.layout).data_ptr() + 8 * src.first_plane
+        dst_planes = _plane_table(dst.layout).data_ptr() + 8 * dst.first_plane
+        args = (meta_address, src_planes, meta_address + len(src_meta), dst_planes)
+        _launch_kernel(device_index, "copy", vec, _grid(dst, num_tiles, max_ctas), args, stream)

@@ -1,0 +1,75 @@
+"""Sweep the copy kernel's grid across NVLink: GPU 1 reads W1 blocks from GPU 0 (peer access, one process).
+
+    python benchmarks/ipc_copy_sweep.py [--ctas 64 132 264 0] [--tokens 16 4096]
+
+Prints GPU time (CUDA events, median after warm-up) and GB/s per grid size, and the host time of
+one launch_copy() call. Run under KVLINK_NVRTC_OPTIONS="-DKVLINK_UNROLL=8" to try other unrolls.
+Every copy is verified against the source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ctas", type=int, nargs="+", default=[64, 132, 264, 528, 0], help="0: one block per tile")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[16, 4096])
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+    import cupy
+    from kvlink import presets
+    from kvlink.kernels import launch_copy, prepare
+    from kvlink.selection import select
+
+    shape = dict(num_layers=32, num_blocks=2048, block_size=16, num_heads=8, head_dim=128, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    _, src = presets.allocate("vllm_flash_attn_nhd", device="cuda:0", fill=lambda t: t.copy_(
+        torch.randint(-2**15, 2**15, t.shape, dtype=torch.int16, generator=gen).view(t.dtype)), **shape)
+    _, dst = presets.allocate("vllm_flash_attn_nhd", device="cuda:1", **shape)
+    with cupy.cuda.Device(1):
+        cupy.cuda.runtime.deviceEnablePeerAccess(0)
+    torch.cuda.set_device(1)
+    stream = torch.cuda.Stream("cuda:1")
+    prepare(dst, stream)
+    unroll = os.environ.get("KVLINK_NVRTC_OPTIONS", "") or "default"
+    wrong = 0
+    for num_tokens in args.tokens:
+        n = -(-num_tokens // 16)
+        src_ids = torch.randperm(2048, generator=gen)[:n]
+        dst_ids = torch.randperm(2048, generator=gen)[:n]
+        s = select(src, src_ids, num_tokens)
+        d = select(dst, dst_ids, num_tokens, destination=True)
+        nbytes = d.payload_bytes
+        for ctas in args.ctas:
+            times, host = [], []
+            for i in range(args.iters + 3):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                t0 = time.perf_counter()
+                launch_copy(s, d, stream, max_ctas=ctas or None)
+                host.append(time.perf_counter() - t0)
+                end.record(stream)
+                end.synchronize()
+                if i >= 3:
+                    times.append(start.elapsed_time(end) * 1e-3)
+            t = statistics.median(times)
+            for layer in (0, 31):
+                got = dst.plane(layer, 1)[dst_ids.cuda(1)][:, :].flatten()[: num_tokens * 8 * 128]
+                want = src.plane(layer, 1)[src_ids.cuda(0)].flatten()[: num_tokens * 8 * 128].to("cuda:1")
+                wrong += int((got != want).sum())
+            print(f"unroll {unroll:>20} tokens {num_tokens:>5} ctas {ctas or 'all':>5}: {t * 1e6:8.1f} us "
+                  f"{nbytes / t / 1e9:7.1f} GB/s  host {statistics.median(host) * 1e6:6.1f} us", flush=True)
+    print(f"wrong elements: {wrong}")
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
