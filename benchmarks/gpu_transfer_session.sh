@@ -23,7 +23,7 @@ run_tests() {  # name, then pytest arguments
   echo "tests $name: $(tail -n 1 "$out/tests_$name.log")"
 }
 if [ "${KVLINK_SWEEP:-0}" = 1 ]; then  # the copy kernel's grid and unroll across NVLink
-  for unroll in 4 8; do
+  for unroll in ${KVLINK_SWEEP_UNROLLS:-4 8}; do
     KVLINK_NVRTC_OPTIONS="-DKVLINK_UNROLL=$unroll" timeout 120 python3 benchmarks/ipc_copy_sweep.py \
       > "$out/sweep-unroll$unroll.log" 2>&1 || status=1
     cat "$out/sweep-unroll$unroll.log"

@@ -402,7 +402,7 @@ def decode_main(args, backend: str, conn, results) -> None:
         # ---- kvlink, one request at a time
         if "kvlink" in args.methods:
             for num_tokens in args.tokens:
-                times, enqueue, sender_enqueue, wrong = [], [], [], 0
+                times, enqueue, sender_enqueue, stages, wrong = [], [], [], [], 0
                 for i in range(args.warmup + args.iters):
                     src, dst = blocks(num_tokens)
                     t0 = time.perf_counter()
@@ -413,13 +413,18 @@ def decode_main(args, backend: str, conn, results) -> None:
                         times.append(elapsed)
                         enqueue.append(handle.stats.enqueue_seconds)
                         sender_enqueue.append(handle.stats.sender_enqueue_seconds)
+                        stamps = handle.stats.host_stamps
+                        if stamps:  # ipc pulls: where the host time of one pull goes, step by step
+                            order = sorted(stamps, key=stamps.get)
+                            stages.append({f"host_{b}_us": (stamps[b] - stamps[a]) * 1e6 for a, b in zip(order, order[1:])})
                     wrong += wrong_bytes(src, dst, num_tokens)
                 t = statistics.median(times)
                 recorder.add(method="kvlink", tokens=num_tokens, bytes=num_tokens * token_bytes, time_us=t * 1e6,
                              GBps=num_tokens * token_bytes / t / 1e9, verified=wrong == 0, wrong_bytes=wrong,
                              transport=transport,
                              chunks=handle.stats.chunks, decode_enqueue_us=statistics.median(enqueue) * 1e6,
-                             prefill_enqueue_us=statistics.median(sender_enqueue) * 1e6)
+                             prefill_enqueue_us=statistics.median(sender_enqueue) * 1e6,
+                             **{key: statistics.median(s.get(key, 0.0) for s in stages) for key in stages[0]} if stages else {})
 
             # ---- one pull of the largest size under torch.profiler, both sides (a timeline to read)
             if args.profile:

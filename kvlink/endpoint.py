@@ -71,6 +71,7 @@ class TransferStats:
     chunks: int = 0
     seconds: float = 0.0
     enqueue_seconds: float = 0.0         # host time our side spent queueing the GPU work
+    host_stamps: dict = field(default_factory=dict)  # ipc pulls: host time (perf_counter) after each step
     sender_enqueue_seconds: float = 0.0  # the same on the prefill side (from its SENT message)
 
     @property
@@ -166,7 +167,10 @@ class TransferHandle:
                 error = "a received chunk was refused (header mismatch or refused by the sender); nothing was written"
             if error is not None:
                 self.error = TransferError(f"request {self.request!r} from {self.peer}: {error}")
-            self.stats.seconds = time.perf_counter() - self._started
+            now = time.perf_counter()
+            self.stats.seconds = now - self._started
+            if self.stats.host_stamps:
+                self.stats.host_stamps["finished"] = now
             self._finished.set()
         return True
 
@@ -357,6 +361,7 @@ class Endpoint:
         Validated here, before anything is sent: our destination blocks against our cache, the
         source blocks against the peer's cache geometry from the handshake.
         """
+        called = time.perf_counter()
         link = self._links.get(peer)
         if link is None or link.role != "decode":
             raise ValueError(f"no link to peer {peer!r}; connect() to it first (links: {sorted(self._links)})")
@@ -380,7 +385,7 @@ class Endpoint:
             raise ValueError(f"src_heads={src_heads} must lie in [0, {remote['num_heads']}) and match "
                              f"{dst_sel.num_selected_heads} destination heads")
         if link.transport == "ipc":
-            return self._pull_ipc(link, request, dst_sel, src_ids, src_heads, layerwise)
+            return self._pull_ipc(link, request, dst_sel, src_ids, src_heads, layerwise, called)
         boxes = plan_chunks((dst_sel.layer_start, dst_sel.layer_stop), num_tokens, dst_sel.token_layer_bytes,
                             link.chunk_bytes, layerwise=layerwise)
         handle = TransferHandle(next(self._xfer_ids), request, peer, layerwise)
@@ -389,19 +394,23 @@ class Endpoint:
         self._post("pull", link, handle, dst_sel, src_ids, src_heads, boxes)
         return handle
 
-    def _pull_ipc(self, link: _Link, request: str, dst_sel, src_ids, src_heads, layerwise: bool) -> TransferHandle:
+    def _pull_ipc(self, link: _Link, request: str, dst_sel, src_ids, src_heads, layerwise: bool,
+                  called: float) -> TransferHandle:
         """Queue the copy kernel(s) of an ipc pull right here, on the caller's thread."""
         started = time.perf_counter()
         layers = (dst_sel.layer_start, dst_sel.layer_stop)
         src_sel = select(link.peer_layout, src_ids, dst_sel.num_tokens, layers=layers, heads=src_heads)
         handle = TransferHandle(next(self._xfer_ids), request, link.name, layerwise)
+        stamps = handle.stats.host_stamps
+        stamps["called"], stamps["validated"] = called, started
         handle.stats.payload_bytes = dst_sel.payload_bytes
         handle._spin = True
         tokens = (0, dst_sel.num_tokens)
         with self._launch_lock, torch.cuda.device(self.device_index):
+            stamps["locked"] = time.perf_counter()
             if not layerwise:
                 stream = link.stream
-                launch_copy(src_sel, dst_sel, stream, max_ctas=self.ipc_max_ctas)
+                launch_copy(src_sel, dst_sel, stream, max_ctas=self.ipc_max_ctas, stamps=stamps)
                 handle.stats.chunks = 1
             else:
                 slot = self._take_counter(request, link.name)
@@ -420,7 +429,8 @@ class Endpoint:
             done = torch.cuda.Event()
             done.record(stream)
         handle._event = done
-        handle.stats.enqueue_seconds = time.perf_counter() - started
+        stamps["recorded"] = time.perf_counter()
+        handle.stats.enqueue_seconds = stamps["recorded"] - started
         handle._enqueued.set()
         self._post("track", link, handle, dst_sel)
         return handle

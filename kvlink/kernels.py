@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,9 @@ GEOMETRY_DTYPE = np.dtype([
     ("status_overwrite", "<u4"),
 ])
 assert GEOMETRY_DTYPE.itemsize <= META_HEADER_OFFSET
+# The same record packed with struct (a few microseconds faster a launch than numpy).
+GEOMETRY_STRUCT = struct.Struct("<qqqQ" + "I" * (len(GEOMETRY_DTYPE.names) - 4))
+assert GEOMETRY_STRUCT.size == GEOMETRY_DTYPE.itemsize
 
 
 def csrc_dir() -> Path:
@@ -212,7 +217,7 @@ def _geometry_record(sel: Selection, vec: int, row_bytes: int, heads_per_token: 
         sel.token_start, sel.head_start, HEADER_CHECK_MASK,
         tiles_per_plane, *fast_divisor(tiles_per_plane), num_tiles, int(status_overwrite),
     )
-    return np.array(record, dtype=GEOMETRY_DTYPE).tobytes(), num_tiles
+    return GEOMETRY_STRUCT.pack(*record), num_tiles
 
 
 def _geometry(sel: Selection, chunk_ptr: int, status_overwrite: bool) -> tuple[bytes, int, int]:
@@ -372,16 +377,26 @@ def launch(kind: str, sel: Selection, chunk: torch.Tensor, stream: torch.cuda.St
     return status
 
 
-def launch_copy(src: Selection, dst: Selection, stream: torch.cuda.Stream, *, max_ctas: int | None = None) -> None:
+def launch_copy(src: Selection, dst: Selection, stream: torch.cuda.Stream, *, max_ctas: int | None = None,
+                stamps: dict | None = None) -> None:
     """Launch ``kvlink_copy``: the box ``src`` (any cache addressable from this GPU, a peer's
-    included) into the box ``dst`` of a cache on this GPU, on ``stream``."""
+    included) into the box ``dst`` of a cache on this GPU, on ``stream``.
+
+    ``stamps``, if given, receives host times (perf_counter) after each step, for profiling.
+    """
     device_index = dst.layout.device.index
     src_geometry, dst_geometry, vec, num_tiles = _copy_geometry(src, dst)
     src_meta = _metadata(src_geometry, b"", src.block_ids)
     meta = src_meta + _metadata(dst_geometry, b"", dst.block_ids)
+    if stamps is not None:
+        stamps["geometry"] = time.perf_counter()
     with torch.cuda.device(device_index):
         meta_address, _keep_alive = _upload(meta, dst.layout.device, stream)
+        if stamps is not None:
+            stamps["upload"] = time.perf_counter()
         src_planes = _plane_table(src.layout).data_ptr() + 8 * src.first_plane
         dst_planes = _plane_table(dst.layout).data_ptr() + 8 * dst.first_plane
         args = (meta_address, src_planes, meta_address + len(src_meta), dst_planes)
         _launch_kernel(device_index, "copy", vec, _grid(dst, num_tiles, max_ctas), args, stream)
+    if stamps is not None:
+        stamps["launch"] = time.perf_counter()
