@@ -50,7 +50,9 @@ struct Geometry {
                            // 0 = the caller's, shared by several chunks (only ever set it to 1)
 };
 
-// Byte offset inside a plane of vector j of the selected box.
+// Byte offset inside a plane of vector j of the selected box. INLINE: the block ids live in the
+// kernel's parameter space (kvlink_copy_inline), which the read-only global path cannot load.
+template <bool INLINE = false>
 __device__ __forceinline__ i64 cache_offset(const Geometry& g, const int* __restrict__ block_ids, u32 j, int vec) {
     u32 row = fast_div(j, g.vpr_mul, g.vpr_shift);
     u32 v = j - row * g.vecs_per_row;
@@ -59,7 +61,7 @@ __device__ __forceinline__ i64 cache_offset(const Geometry& g, const int* __rest
     u32 token = g.token_start + t;
     u32 block_slot = fast_div(token, g.tpb_mul, g.tpb_shift);
     u32 in_block = token - block_slot * g.tokens_per_block;
-    i64 block = (i64)__ldg(block_ids + block_slot);
+    i64 block = INLINE ? (i64)block_ids[block_slot] : (i64)__ldg(block_ids + block_slot);
     return block * g.block_stride + (i64)in_block * g.token_stride + (i64)(g.head_start + h) * g.head_stride
            + (i64)v * vec;
 }
@@ -175,10 +177,9 @@ __global__ void __launch_bounds__(THREADS) kvlink_unpack(
 // metadata records of the pack/unpack format (header unused); the host makes the two geometries
 // agree on vecs_per_row, heads_per_token and tiling, so vector j of the box is the same element on
 // both sides. Block size, block order and strides may differ: the layout conversion is free.
-template <int VEC>
-__global__ void __launch_bounds__(THREADS) kvlink_copy(
-    const unsigned char* __restrict__ src_meta, const u64* __restrict__ src_planes,
-    const unsigned char* __restrict__ dst_meta, const u64* __restrict__ dst_planes) {
+template <int VEC, bool INLINE>
+__device__ __forceinline__ void copy_tiles(const unsigned char* __restrict__ src_meta, const u64* __restrict__ src_planes,
+                                           const unsigned char* __restrict__ dst_meta, const u64* __restrict__ dst_planes) {
     typedef typename VecType<VEC>::T V;
     const Geometry s = *reinterpret_cast<const Geometry*>(src_meta);
     const Geometry d = *reinterpret_cast<const Geometry*>(dst_meta);
@@ -195,14 +196,41 @@ __global__ void __launch_bounds__(THREADS) kvlink_copy(
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             u32 j = base + u * THREADS;
-            if (j < d.vecs_per_plane) tmp[u] = load(reinterpret_cast<const V*>(from + cache_offset(s, src_ids, j, VEC)));
+            if (j < d.vecs_per_plane)
+                tmp[u] = load(reinterpret_cast<const V*>(from + cache_offset<INLINE>(s, src_ids, j, VEC)));
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             u32 j = base + u * THREADS;
-            if (j < d.vecs_per_plane) store(reinterpret_cast<V*>(to + cache_offset(d, dst_ids, j, VEC)), tmp[u]);
+            if (j < d.vecs_per_plane) store(reinterpret_cast<V*>(to + cache_offset<INLINE>(d, dst_ids, j, VEC)), tmp[u]);
         }
     }
+}
+
+template <int VEC>
+__global__ void __launch_bounds__(THREADS) kvlink_copy(
+    const unsigned char* __restrict__ src_meta, const u64* __restrict__ src_planes,
+    const unsigned char* __restrict__ dst_meta, const u64* __restrict__ dst_planes) {
+    copy_tiles<VEC, false>(src_meta, src_planes, dst_meta, dst_planes);
+}
+
+// The same copy with both metadata records passed by value as the launch's parameters: no
+// host-to-device upload before the launch (the common case: up to ~450 blocks a side).
+// Layout mirrored by kvlink/kernels.py:INLINE_PARAMS.
+constexpr int INLINE_META_BYTES = 4000;
+struct __align__(16) CopyParams {
+    u64 src_planes;
+    u64 dst_planes;
+    u32 src_meta;  // byte offsets of the two records inside meta (multiples of 16)
+    u32 dst_meta;
+    u32 pad[2];
+    unsigned char meta[INLINE_META_BYTES];
+};
+
+template <int VEC>
+__global__ void __launch_bounds__(THREADS) kvlink_copy_inline(const __grid_constant__ CopyParams p) {
+    copy_tiles<VEC, true>(p.meta + p.src_meta, reinterpret_cast<const u64*>(p.src_planes), p.meta + p.dst_meta,
+                          reinterpret_cast<const u64*>(p.dst_planes));
 }
 
 #ifdef KVLINK_INSTANTIATE_ALL
@@ -210,7 +238,8 @@ __global__ void __launch_bounds__(THREADS) kvlink_copy(
 #define KVLINK_INSTANTIATE(VEC)                                                                      \
     template __global__ void kvlink_pack<VEC>(const unsigned char*, const u64*, unsigned char*);      \
     template __global__ void kvlink_unpack<VEC>(const unsigned char*, const u64*, const unsigned char*, int*); \
-    template __global__ void kvlink_copy<VEC>(const unsigned char*, const u64*, const unsigned char*, const u64*);
+    template __global__ void kvlink_copy<VEC>(const unsigned char*, const u64*, const unsigned char*, const u64*); \
+    template __global__ void kvlink_copy_inline<VEC>(const __grid_constant__ CopyParams);
 KVLINK_INSTANTIATE(16)
 KVLINK_INSTANTIATE(8)
 KVLINK_INSTANTIATE(4)

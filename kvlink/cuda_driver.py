@@ -69,6 +69,16 @@ def launch_kernel(function: int, grid: int, threads: int, args: tuple[int, ...],
     check(libcuda().cuLaunchKernel(function, grid, 1, 1, threads, 1, 1, 0, stream, pointers, None), "cuLaunchKernel")
 
 
+def launch_kernel_with_struct(function: int, grid: int, threads: int, param: bytes, stream: int) -> None:
+    """cuLaunchKernel of a kernel whose one parameter is a struct passed by value (``param``'s bytes).
+
+    The driver copies the parameter at the call, so ``param`` may be dropped right after.
+    """
+    buffer = ctypes.create_string_buffer(param, len(param))
+    pointers = (ctypes.c_void_p * 1)(ctypes.addressof(buffer))
+    check(libcuda().cuLaunchKernel(function, grid, 1, 1, threads, 1, 1, 0, stream, pointers, None), "cuLaunchKernel")
+
+
 def stream_wait_value(stream: int, address: int, value: int) -> None:
     """Queue on ``stream``: wait until the int32 at ``address`` reaches ``value`` (cyclic >=)."""
     check(libcuda().cuStreamWaitValue32_v2(stream, address, value & 0xFFFFFFFF, WAIT_VALUE_GEQ),

@@ -45,7 +45,7 @@ import zmq
 
 from kvlink import control, cuda_driver, ipc, nccl
 from kvlink.control import ProtocolError
-from kvlink.kernels import _plane_table, launch_copy
+from kvlink.kernels import _on_device, _plane_table, launch_copy
 from kvlink.layout import CacheLayout, PeerLayout, check_compatible
 from kvlink.pack import _resolve_backend, pack_selection, prepare, unpack_selection
 from kvlink.plan import Box, box_payload_bytes, plan_chunks
@@ -406,7 +406,7 @@ class Endpoint:
         handle.stats.payload_bytes = dst_sel.payload_bytes
         handle._spin = True
         tokens = (0, dst_sel.num_tokens)
-        with self._launch_lock, torch.cuda.device(self.device_index):
+        with self._launch_lock, _on_device(self.device_index):
             stamps["locked"] = time.perf_counter()
             if not layerwise:
                 stream = link.stream

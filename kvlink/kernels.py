@@ -7,6 +7,7 @@ so later processes skip compilation.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -31,7 +32,7 @@ UNROLL = int(_defines.get("UNROLL", 4))
 # per SM (KVLINK_CTAS_PER_SM, for tuning).
 CTAS_PER_SM = int(os.environ.get("KVLINK_CTAS_PER_SM", "0"))
 VEC_WIDTHS = (16, 8, 4, 2, 1)
-KERNEL_KINDS = ("pack", "unpack", "copy")
+KERNEL_KINDS = ("pack", "unpack", "copy", "copy_inline")
 META_HEADER_OFFSET = 128
 META_BLOCK_IDS_OFFSET = 192
 SOURCE_NAME = "pack_unpack.cu"
@@ -48,6 +49,10 @@ GEOMETRY_DTYPE = np.dtype([
     ("status_overwrite", "<u4"),
 ])
 assert GEOMETRY_DTYPE.itemsize <= META_HEADER_OFFSET
+# kvlink_copy_inline's by-value parameter (struct CopyParams): plane tables, record offsets, records.
+INLINE_META_BYTES = 4000
+INLINE_PARAMS_HEADER = struct.Struct("<QQII8x")
+INLINE_PARAMS_BYTES = INLINE_PARAMS_HEADER.size + INLINE_META_BYTES
 # The same record packed with struct (a few microseconds faster a launch than numpy).
 GEOMETRY_STRUCT = struct.Struct("<qqqQ" + "I" * (len(GEOMETRY_DTYPE.names) - 4))
 assert GEOMETRY_STRUCT.size == GEOMETRY_DTYPE.itemsize
@@ -364,7 +369,7 @@ def launch(kind: str, sel: Selection, chunk: torch.Tensor, stream: torch.cuda.St
     device_index = sel.layout.device.index
     own_status = kind == "unpack" and status is None
     geometry, vec, num_tiles = _geometry(sel, chunk.data_ptr(), own_status)
-    with torch.cuda.device(device_index):
+    with _on_device(device_index):
         meta_address, _keep_alive = _upload_metadata(sel, geometry, header, stream)
         planes_ptr = _plane_table(sel.layout).data_ptr() + 8 * sel.first_plane
         args = [meta_address, planes_ptr, chunk.data_ptr()]
@@ -377,26 +382,48 @@ def launch(kind: str, sel: Selection, chunk: torch.Tensor, stream: torch.cuda.St
     return status
 
 
+def _inline_copy_params(src_meta: bytes, dst_meta: bytes, src_planes: int, dst_planes: int) -> bytes | None:
+    """The CopyParams bytes of kvlink_copy_inline, or None when the two records do not fit."""
+    if len(src_meta) + len(dst_meta) > INLINE_META_BYTES:
+        return None
+    return b"".join((INLINE_PARAMS_HEADER.pack(src_planes, dst_planes, 0, len(src_meta)), src_meta, dst_meta,
+                     bytes(INLINE_META_BYTES - len(src_meta) - len(dst_meta))))
+
+
 def launch_copy(src: Selection, dst: Selection, stream: torch.cuda.Stream, *, max_ctas: int | None = None,
                 stamps: dict | None = None) -> None:
     """Launch ``kvlink_copy``: the box ``src`` (any cache addressable from this GPU, a peer's
     included) into the box ``dst`` of a cache on this GPU, on ``stream``.
 
-    ``stamps``, if given, receives host times (perf_counter) after each step, for profiling.
+    Requests of up to ~450 blocks a side pass their metadata as the launch's parameters
+    (``kvlink_copy_inline``): one driver call, no upload. ``stamps``, if given, receives host
+    times (perf_counter) after each step, for profiling.
     """
     device_index = dst.layout.device.index
     src_geometry, dst_geometry, vec, num_tiles = _copy_geometry(src, dst)
     src_meta = _metadata(src_geometry, b"", src.block_ids)
-    meta = src_meta + _metadata(dst_geometry, b"", dst.block_ids)
+    dst_meta = _metadata(dst_geometry, b"", dst.block_ids)
+    src_planes = _plane_table(src.layout).data_ptr() + 8 * src.first_plane
+    dst_planes = _plane_table(dst.layout).data_ptr() + 8 * dst.first_plane
+    grid = _grid(dst, num_tiles, max_ctas)
+    params = _inline_copy_params(src_meta, dst_meta, src_planes, dst_planes)
+    function = _function_handle(device_index, "copy_inline", vec) if params is not None and _DRIVER_LAUNCH[0] else None
     if stamps is not None:
         stamps["geometry"] = time.perf_counter()
-    with torch.cuda.device(device_index):
-        meta_address, _keep_alive = _upload(meta, dst.layout.device, stream)
-        if stamps is not None:
-            stamps["upload"] = time.perf_counter()
-        src_planes = _plane_table(src.layout).data_ptr() + 8 * src.first_plane
-        dst_planes = _plane_table(dst.layout).data_ptr() + 8 * dst.first_plane
-        args = (meta_address, src_planes, meta_address + len(src_meta), dst_planes)
-        _launch_kernel(device_index, "copy", vec, _grid(dst, num_tiles, max_ctas), args, stream)
+    with _on_device(device_index):
+        if function is not None:
+            from kvlink import cuda_driver
+            cuda_driver.launch_kernel_with_struct(function, grid, THREADS, params, stream.cuda_stream)
+        else:
+            meta_address, _keep_alive = _upload(src_meta + dst_meta, dst.layout.device, stream)
+            args = (meta_address, src_planes, meta_address + len(src_meta), dst_planes)
+            _launch_kernel(device_index, "copy", vec, grid, args, stream)
     if stamps is not None:
         stamps["launch"] = time.perf_counter()
+
+
+def _on_device(device_index: int):
+    """``torch.cuda.device(device_index)``, or nothing when it is current already (the usual case)."""
+    if torch.cuda.current_device() == device_index:
+        return contextlib.nullcontext()
+    return torch.cuda.device(device_index)

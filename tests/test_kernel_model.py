@@ -184,3 +184,28 @@ def test_copy_refuses_boxes_of_different_shape(generator):
     b = select(dst.layout, [2, 3], 20, heads=(0, 3), destination=True)
     with pytest.raises(ValueError, match="copy boxes differ"):
         kernels._copy_geometry(a, b)
+
+
+def test_inline_copy_parameters_match_the_cuda_struct(generator):
+    """kvlink_copy_inline's by-value CopyParams: header fields, record offsets and size as the .cu declares."""
+    import re
+    source = kernels.kernel_source()
+    assert int(re.search(r"INLINE_META_BYTES = (\d+);", source).group(1)) == kernels.INLINE_META_BYTES
+    src = make_cache("vllm_flash_attn_nhd", generator, head_dim=64)
+    dst = make_cache("flashinfer_hnd", generator, head_dim=64, block_size=8, num_blocks=90)
+    a = select(src.layout, [3, 1, 4], 40)
+    b = select(dst.layout, [9, 2, 6, 5, 3], 40, destination=True)
+    src_geometry, dst_geometry, _, _ = kernels._copy_geometry(a, b)
+    src_meta = kernels._metadata(src_geometry, b"", a.block_ids)
+    dst_meta = kernels._metadata(dst_geometry, b"", b.block_ids)
+    assert len(src_meta) % 16 == 0 and len(dst_meta) % 16 == 0
+    params = kernels._inline_copy_params(src_meta, dst_meta, 0x1111, 0x2222)
+    assert len(params) == kernels.INLINE_PARAMS_BYTES and kernels.INLINE_PARAMS_BYTES % 16 == 0
+    src_planes, dst_planes, src_at, dst_at = kernels.INLINE_PARAMS_HEADER.unpack_from(params)
+    meta = params[kernels.INLINE_PARAMS_HEADER.size:]
+    assert (src_planes, dst_planes) == (0x1111, 0x2222)
+    assert meta[src_at:src_at + len(src_meta)] == src_meta and meta[dst_at:dst_at + len(dst_meta)] == dst_meta
+    ids = np.frombuffer(meta, dtype="<i4", count=5, offset=dst_at + kernels.META_BLOCK_IDS_OFFSET)
+    assert ids.tolist() == [9, 2, 6, 5, 3]
+    big = kernels._metadata(src_geometry, b"", np.arange(500, dtype=np.int32))  # 500 blocks a side: 4384 bytes
+    assert kernels._inline_copy_params(big, big, 1, 2) is None, "oversized metadata must take the upload path"
