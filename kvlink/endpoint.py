@@ -28,6 +28,7 @@ threads talk to it through a command queue.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -153,7 +154,7 @@ class TransferHandle:
             if self._spin and waited < 2e-3:
                 time.sleep(0)
             else:
-                self._finished.wait(5e-5 if waited < 2e-3 else 1e-3)
+                self._finished.wait(2e-5 if waited < (0.1 if self._spin else 2e-3) else 1e-3)
         if self.error is not None:
             raise self.error
         return self
@@ -399,7 +400,9 @@ class Endpoint:
         """Queue the copy kernel(s) of an ipc pull right here, on the caller's thread."""
         started = time.perf_counter()
         layers = (dst_sel.layer_start, dst_sel.layer_stop)
-        src_sel = select(link.peer_layout, src_ids, dst_sel.num_tokens, layers=layers, heads=src_heads)
+        # pull() validated the source blocks, count and heads against the peer's cache already
+        src_sel = dataclasses.replace(dst_sel, layout=link.peer_layout, block_ids=src_ids.astype(np.int32),
+                                      head_start=src_heads[0], head_stop=src_heads[1])
         handle = TransferHandle(next(self._xfer_ids), request, link.name, layerwise)
         stamps = handle.stats.host_stamps
         stamps["called"], stamps["validated"] = called, started
