@@ -28,7 +28,6 @@ threads talk to it through a command queue.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import os
@@ -284,6 +283,8 @@ class Endpoint:
         self._slot_cursor = 0
         self._pack_stream = self._unpack_stream = None
         self._launch_lock = threading.Lock()  # ipc pulls launch on the caller's thread
+        self._serve_lock = threading.RLock()  # link.serves: the progress thread and layer_ready() (ipc)
+        self._ready_since: dict[str, float] = {}  # when layer_ready() first named a request (stale ones are dropped)
         self._counters = None
         self._counter_values = [0] * COUNTER_SLOTS
         self._counters_busy: set[int] = set()
@@ -400,9 +401,10 @@ class Endpoint:
         """Queue the copy kernel(s) of an ipc pull right here, on the caller's thread."""
         started = time.perf_counter()
         layers = (dst_sel.layer_start, dst_sel.layer_stop)
-        # pull() validated the source blocks, count and heads against the peer's cache already
-        src_sel = dataclasses.replace(dst_sel, layout=link.peer_layout, block_ids=src_ids.astype(np.int32),
-                                      head_start=src_heads[0], head_stop=src_heads[1])
+        # NOTE: validated against the peer cache as mapped (immutable since the handshake), not only
+        # against the link's description: a block id past the mapping is an illegal address on
+        # the GPU, which would poison this process's CUDA context.
+        src_sel = select(link.peer_layout, src_ids, dst_sel.num_tokens, layers=layers, heads=src_heads)
         handle = TransferHandle(next(self._xfer_ids), request, link.name, layerwise)
         stamps = handle.stats.host_stamps
         stamps["called"], stamps["validated"] = called, started
@@ -468,9 +470,28 @@ class Endpoint:
             raise ValueError(f"layer={layer} outside [0, {self.layout.num_layers})")
         event = None
         if self.on_gpu:
+            stream = stream or torch.cuda.current_stream(self.device_index)
             event = torch.cuda.Event()
-            event.record(stream or torch.cuda.current_stream(self.device_index))
+            event.record(stream)
+            self._signal_layer_now(request, layer, stream)
         self._post("layer_ready", request, layer, event)
+
+    def _signal_layer_now(self, request: str, layer: int, stream: torch.cuda.Stream) -> None:
+        """ipc links: advance the decode side's layer counter on the caller's stream, right behind the
+        layer's own work, when this request's pull is at the head of the link and this is its next
+        layer; anything else is left to the progress thread (which skips layers signalled here)."""
+        with self._serve_lock:
+            for link in list(self._links.values()):
+                if link.transport != "ipc" or link.role != "prefill" or link.failed or not link.serves:
+                    continue
+                serve = link.serves[0]
+                if serve.request != request or serve.next_chunk >= len(serve.boxes) or \
+                        serve.boxes[serve.next_chunk][0] != layer:
+                    continue
+                slot, base = serve.counter
+                cuda_driver.stream_write_value(stream.cuda_stream, link.peer_memory.addresses[0] + 4 * slot,
+                                               base + serve.next_chunk + 1)
+                serve.next_chunk += 1
 
     def finished_sends(self) -> list[tuple[str, bool]]:
         """Prefill side: (request, ok) for each pull the decode side confirmed since the last call."""
@@ -601,6 +622,7 @@ class Endpoint:
             elif kind == "layer_ready":
                 request, layer, event = args
                 self._ready_layers.setdefault(request, {})[layer] = event
+                self._ready_since.setdefault(request, time.monotonic())
         except Exception as exc:
             if reply is not None:
                 reply[1]["error"] = exc
@@ -918,7 +940,8 @@ class Endpoint:
             if link.transport == "ipc" and not message["ok"]:
                 # the decode side gave up on a layer-wise pull (timeout, cancel): stop serving it, so
                 # the pulls queued behind it on this link move on
-                link.serves = [serve for serve in link.serves if serve.xfer != message["xfer"]]
+                with self._serve_lock:
+                    link.serves = [serve for serve in link.serves if serve.xfer != message["xfer"]]
         elif kind == "BYE":
             self._fail_link(link, f"peer closed: {message['reason']}", level=logging.INFO)
 
@@ -974,28 +997,34 @@ class Endpoint:
             return
         serve.boxes = [(layer, layer + 1, 0, serve.num_tokens) for layer in range(*layers)]
         serve.counter = counter
-        link.serves.append(serve)
+        with self._serve_lock:
+            link.serves.append(serve)
 
     def _advance_serves(self) -> None:
         for link in self._links.values():
-            while link.serves:
-                serve = link.serves[0]
-                try:
-                    if not self._serve_chunks(link, serve):
-                        break  # waiting for layers (layer-wise); later pulls on this link wait behind it
-                except Exception as exc:  # never retry a serve that broke half-way
-                    log.exception("kvlink %s: serving pull %d (request %r) to %s failed", self.name, serve.xfer,
-                                  serve.request, link.name)
-                    link.serves.pop(0)
-                    self._router.send_multipart([link.identity, control.encode(
-                        "FAILED", xfer=serve.xfer, reason=f"prefill side error: {exc}")])
-                    if link.transport == "nccl":  # the chunk stream is out of step with the receiver's
-                        self._fail_link(link, f"serving request {serve.request!r} failed: {exc}")
-                    break
+            with self._serve_lock:
+                self._advance_link_serves(link)
+
+    def _advance_link_serves(self, link: _Link) -> None:
+        while link.serves:
+            serve = link.serves[0]
+            try:
+                if not self._serve_chunks(link, serve):
+                    break  # waiting for layers (layer-wise); later pulls on this link wait behind it
+            except Exception as exc:  # never retry a serve that broke half-way
+                log.exception("kvlink %s: serving pull %d (request %r) to %s failed", self.name, serve.xfer,
+                              serve.request, link.name)
                 link.serves.pop(0)
-                self._ready_layers.pop(serve.request, None)
                 self._router.send_multipart([link.identity, control.encode(
-                    "SENT", xfer=serve.xfer, enqueue_seconds=serve.enqueue_seconds)])
+                    "FAILED", xfer=serve.xfer, reason=f"prefill side error: {exc}")])
+                if link.transport == "nccl":  # the chunk stream is out of step with the receiver's
+                    self._fail_link(link, f"serving request {serve.request!r} failed: {exc}")
+                break
+            link.serves.pop(0)
+            self._ready_layers.pop(serve.request, None)
+            self._ready_since.pop(serve.request, None)
+            self._router.send_multipart([link.identity, control.encode(
+                "SENT", xfer=serve.xfer, enqueue_seconds=serve.enqueue_seconds)])
 
     def _serve_chunks(self, link: _Link, serve: _Serve) -> bool:
         """Issue the chunks whose layers are ready; True when every chunk is issued."""
@@ -1065,6 +1094,13 @@ class Endpoint:
 
     # ------------------------------------------------------------------ liveness and shutdown
     def _heartbeat(self, now: float) -> None:
+        # layers of requests no pull served within the timeout (never pulled, or finished before
+        # their last layer_ready() reached this thread): forget them
+        served = {serve.request for link in self._links.values() for serve in link.serves}
+        for request, since in list(self._ready_since.items()):
+            if now - since > self.timeout and request not in served:
+                self._ready_layers.pop(request, None)
+                del self._ready_since[request]
         beat = control.encode("HEARTBEAT")
         for link in list(self._links.values()):
             if link.failed:
@@ -1110,8 +1146,11 @@ class Endpoint:
                 link.comm.abort()  # frees NCCL's memory without waiting on a peer that may be gone
         for link in self._links.values():
             if link.peer_memory is not None:
-                for stream in (link.stream, link.layer_stream):
-                    if stream is not None:
-                        stream.synchronize()  # no copy still reads the mapping (waiting copies were released)
-                link.peer_memory.close()
+                try:
+                    for stream in (link.stream, link.layer_stream):
+                        if stream is not None:
+                            stream.synchronize()  # no copy still reads the mapping (waiting copies were released)
+                    link.peer_memory.close()
+                except Exception as exc:  # a CUDA error already poisoned the context: nothing left to unmap
+                    log.error("kvlink %s: unmapping %s's memory failed: %s", self.name, link.name, exc)
         self._links.clear()

@@ -1,5 +1,7 @@
 """End-to-end transfers between processes over the host (TCP) transport, byte-exact (runs in CI)."""
 
+import time
+
 import pytest
 
 import kvlink
@@ -70,3 +72,20 @@ def test_a_serve_that_breaks_fails_its_pull_and_the_link_goes_on(monkeypatch, ge
         with pytest.raises(kvlink.TransferError, match="request 'broken' from flaky: .*prefill side error: disk on fire"):
             handle.wait(5)
         decode_ep.pull(peer, "after", [1, 2], [5, 6, 7], 20).wait(5)  # the link still serves
+
+
+def test_layers_of_a_request_nobody_pulls_are_forgotten_after_the_timeout():
+    """layer_ready() for a request no decode side ever pulls must not grow the endpoint's state forever."""
+    _, layout = kvlink.presets.allocate("vllm_flash_attn_nhd", num_layers=2, num_blocks=4, block_size=4, num_heads=1,
+                                        head_dim=8)
+    with kvlink.Endpoint(layout, name="lonely", timeout=0.3, heartbeat=0.05) as endpoint:
+        endpoint.layer_ready("never-pulled", 0)
+        endpoint.layer_ready("never-pulled", 1)
+        deadline = time.time() + 0.2
+        while "never-pulled" not in endpoint._ready_layers and time.time() < deadline:
+            time.sleep(0.01)
+        assert "never-pulled" in endpoint._ready_layers, "layer_ready() was not recorded"
+        deadline = time.time() + 3
+        while "never-pulled" in endpoint._ready_layers and time.time() < deadline:
+            time.sleep(0.05)
+        assert "never-pulled" not in endpoint._ready_layers

@@ -154,3 +154,17 @@ def test_ipc_can_be_turned_off(prefill, generator, monkeypatch):
         assert endpoint.links()[0]["transport"] != "ipc"
     with pytest.raises(ValueError, match="transport='ipc' is unavailable: KVLINK_DISABLE_IPC=1"):
         kvlink.Endpoint(layout, listen=None, transport="ipc")
+
+
+def test_layers_ready_out_of_order_are_signalled_in_order(prefill, mirror, decode, generator):
+    """Layer 3 first: nothing may be copied until layers 0..2 are ready too (the counter only moves in order)."""
+    endpoint, peer, _, layout = decode
+    src, dst, num_tokens = [40, 41], list(range(640, 644)), 30
+    handle = endpoint.pull(peer, "reversed", src, dst, num_tokens, layerwise=True)
+    time.sleep(0.1)  # the PULL is at the prefill side: its layer_ready() may signal directly
+    prefill.call("layer_ready", "reversed", [3, 2])
+    time.sleep(0.2)
+    assert not handle.layer_event(0).query() and not handle.layer_event(3).query()
+    prefill.call("layer_ready", "reversed", [1, 0])
+    handle.wait(10)
+    assert torch.equal(packed(layout, dst, num_tokens), packed(mirror, src, num_tokens))
