@@ -417,6 +417,8 @@ def decode_main(args, backend: str, conn, results) -> None:
                         if stamps:  # ipc pulls: where the host time of one pull goes, step by step
                             order = sorted(stamps, key=stamps.get)
                             stages.append({f"host_{b}_us": (stamps[b] - stamps[a]) * 1e6 for a, b in zip(order, order[1:])})
+                            stages[-1]["pull_wall_us"] = (stamps["recorded"] - stamps["called"]) * 1e6
+                            stages[-1]["pull_cpu_us"] = handle.stats.pull_cpu_seconds * 1e6
                     wrong += wrong_bytes(src, dst, num_tokens)
                 t = statistics.median(times)
                 recorder.add(method="kvlink", tokens=num_tokens, bytes=num_tokens * token_bytes, time_us=t * 1e6,

@@ -28,6 +28,7 @@ threads talk to it through a command queue.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -72,6 +73,7 @@ class TransferStats:
     seconds: float = 0.0
     enqueue_seconds: float = 0.0         # host time our side spent queueing the GPU work
     host_stamps: dict = field(default_factory=dict)  # ipc pulls: host time (perf_counter) after each step
+    pull_cpu_seconds: float = 0.0  # ipc pulls: CPU time of the calling thread inside pull()
     sender_enqueue_seconds: float = 0.0  # the same on the prefill side (from its SENT message)
 
     @property
@@ -283,6 +285,8 @@ class Endpoint:
         self._slot_cursor = 0
         self._pack_stream = self._unpack_stream = None
         self._launch_lock = threading.Lock()  # ipc pulls launch on the caller's thread
+        self._tracked: collections.deque = collections.deque()  # ipc pulls launched, not yet watched
+        self._progress_busy = False  # the progress loop turns every millisecond (no wake-up needed)
         self._serve_lock = threading.RLock()  # link.serves: the progress thread and layer_ready() (ipc)
         self._ready_since: dict[str, float] = {}  # when layer_ready() first named a request (stale ones are dropped)
         self._counters = None
@@ -363,7 +367,7 @@ class Endpoint:
         Validated here, before anything is sent: our destination blocks against our cache, the
         source blocks against the peer's cache geometry from the handshake.
         """
-        called = time.perf_counter()
+        called, called_cpu = time.perf_counter(), time.thread_time()
         link = self._links.get(peer)
         if link is None or link.role != "decode":
             raise ValueError(f"no link to peer {peer!r}; connect() to it first (links: {sorted(self._links)})")
@@ -387,7 +391,7 @@ class Endpoint:
             raise ValueError(f"src_heads={src_heads} must lie in [0, {remote['num_heads']}) and match "
                              f"{dst_sel.num_selected_heads} destination heads")
         if link.transport == "ipc":
-            return self._pull_ipc(link, request, dst_sel, src_ids, src_heads, layerwise, called)
+            return self._pull_ipc(link, request, dst_sel, src_ids, src_heads, layerwise, called, called_cpu)
         boxes = plan_chunks((dst_sel.layer_start, dst_sel.layer_stop), num_tokens, dst_sel.token_layer_bytes,
                             link.chunk_bytes, layerwise=layerwise)
         handle = TransferHandle(next(self._xfer_ids), request, peer, layerwise)
@@ -397,7 +401,7 @@ class Endpoint:
         return handle
 
     def _pull_ipc(self, link: _Link, request: str, dst_sel, src_ids, src_heads, layerwise: bool,
-                  called: float) -> TransferHandle:
+                  called: float, called_cpu: float) -> TransferHandle:
         """Queue the copy kernel(s) of an ipc pull right here, on the caller's thread."""
         started = time.perf_counter()
         layers = (dst_sel.layer_start, dst_sel.layer_stop)
@@ -436,8 +440,21 @@ class Endpoint:
         handle._event = done
         stamps["recorded"] = time.perf_counter()
         handle.stats.enqueue_seconds = stamps["recorded"] - started
+        # this thread's CPU time over the whole pull() so far: far below the wall time means it waited
+        # (for the GIL, or the OS), not that the steps are slow
+        handle.stats.pull_cpu_seconds = time.thread_time() - called_cpu
         handle._enqueued.set()
-        self._post("track", link, handle, dst_sel)
+        if layerwise:
+            self._post("track", link, handle, dst_sel)  # its PULL must reach the prefill side now
+        else:
+            # NOTE: no wake-up per pull: the progress thread only has to notice completion (for the
+            # NOTIFY), and waking it for each of many pulls makes it compete with this thread for
+            # the GIL. A busy loop turns every millisecond anyway; an idle one is woken.
+            if self._closed:
+                raise RuntimeError(f"endpoint {self.name} is closed")
+            self._tracked.append((link, handle, dst_sel))
+            if not self._progress_busy:
+                self._post("wake")
         return handle
 
     def _take_counter(self, request: str, peer: str) -> int:
@@ -583,7 +600,13 @@ class Endpoint:
 
     def _progress(self, poller, next_heartbeat: float):
         """One turn of the progress loop; None once the endpoint is closed."""
-        busy = any(l.pending for l in self._links.values()) or any(l.serves for l in self._links.values())
+        # NOTE: the flag drops before the queue is drained: a pull queued after the drain sees it down
+        # and wakes us; one that saw it up was queued before the drain.
+        self._progress_busy = False
+        while self._tracked:
+            self._track_ipc_pull(*self._tracked.popleft())
+        busy = any(link.pending for link in self._links.values()) or any(link.serves for link in self._links.values())
+        self._progress_busy = busy
         wait_ms = 1 if busy else max(1, int((next_heartbeat - time.monotonic()) * 1000))
         events = dict(poller.poll(wait_ms))
         if self._wake_recv in events:
@@ -619,6 +642,8 @@ class Endpoint:
                 self._start_pull(*args)
             elif kind == "track":
                 self._track_ipc_pull(*args)
+            elif kind == "wake":
+                pass  # _progress() picks up self._tracked
             elif kind == "layer_ready":
                 request, layer, event = args
                 self._ready_layers.setdefault(request, {})[layer] = event
