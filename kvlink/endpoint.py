@@ -1155,6 +1155,9 @@ class Endpoint:
             link.comm.abort()
 
     def _shutdown(self) -> None:
+        while self._tracked:  # ipc pulls launched but not yet watched: finished below like the others
+            link, handle, _ = self._tracked.popleft()
+            link.pending[handle.xfer] = handle
         bye = control.encode("BYE", reason=f"{self.name} closed")
         for link in self._links.values():
             try:
