@@ -22,6 +22,9 @@ run_tests() {  # name, then pytest arguments
   timeout 300 python3 -m pytest -q -x -p no:cacheprovider -o faulthandler_timeout=60 "$@" > "$out/tests_$name.log" 2>&1 || status=1
   echo "tests $name: $(tail -n 1 "$out/tests_$name.log")"
 }
+# how fast this machine runs kvlink's host-side Python (compare with other machines' figures)
+timeout 60 python3 benchmarks/host_overhead.py > "$out/host_overhead.log" 2>&1 || status=1
+cat "$out/host_overhead.log"
 if [ "${KVLINK_SWEEP:-0}" = 1 ]; then  # the copy kernel's grid and unroll across NVLink
   for unroll in ${KVLINK_SWEEP_UNROLLS:-4 8}; do
     KVLINK_NVRTC_OPTIONS="-DKVLINK_UNROLL=$unroll" timeout 120 python3 benchmarks/ipc_copy_sweep.py \
