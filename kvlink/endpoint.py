@@ -376,8 +376,20 @@ class Endpoint:
         if not isinstance(request, str) or not request:
             raise TypeError(f"request must be a non-empty str id, got {request!r}")
         dst_sel = select(self.layout, dst_blocks, num_tokens, layers=layers, heads=dst_heads, destination=True)
-        src_ids = block_ids_to_numpy(src_blocks, "src_blocks")
         remote = link.remote_layout
+        src_heads = src_heads or (0, remote["num_heads"])
+        if not (0 <= src_heads[0] < src_heads[1] <= remote["num_heads"]) or \
+                src_heads[1] - src_heads[0] != dst_sel.num_selected_heads:
+            raise ValueError(f"src_heads={src_heads} must lie in [0, {remote['num_heads']}) and match "
+                             f"{dst_sel.num_selected_heads} destination heads")
+        if link.transport == "ipc":
+            # NOTE: validated against the peer cache as mapped (fixed since the handshake), not the
+            # link's description: a block id past the mapping is an illegal address on the GPU,
+            # which would poison this process's CUDA context.
+            src_sel = select(link.peer_layout, src_blocks, num_tokens, layers=(dst_sel.layer_start, dst_sel.layer_stop),
+                             heads=src_heads, ids_name="src_blocks", owner=f"{peer}'s cache")
+            return self._pull_ipc(link, request, dst_sel, src_sel, layerwise, called, called_cpu)
+        src_ids = block_ids_to_numpy(src_blocks, "src_blocks")
         bad = (src_ids < 0) | (src_ids >= remote["num_blocks"])
         if bad.any():
             raise ValueError(f"src_blocks[{int(np.argmax(bad))}]={int(src_ids[bad][0])} is out of range "
@@ -385,13 +397,6 @@ class Endpoint:
         if -(-num_tokens // remote["block_size"]) != src_ids.size:
             raise ValueError(f"num_tokens={num_tokens} fills {-(-num_tokens // remote['block_size'])} of {peer}'s "
                              f"{remote['block_size']}-token blocks but {src_ids.size} src_blocks were given")
-        src_heads = src_heads or (0, remote["num_heads"])
-        if not (0 <= src_heads[0] < src_heads[1] <= remote["num_heads"]) or \
-                src_heads[1] - src_heads[0] != dst_sel.num_selected_heads:
-            raise ValueError(f"src_heads={src_heads} must lie in [0, {remote['num_heads']}) and match "
-                             f"{dst_sel.num_selected_heads} destination heads")
-        if link.transport == "ipc":
-            return self._pull_ipc(link, request, dst_sel, src_ids, src_heads, layerwise, called, called_cpu)
         boxes = plan_chunks((dst_sel.layer_start, dst_sel.layer_stop), num_tokens, dst_sel.token_layer_bytes,
                             link.chunk_bytes, layerwise=layerwise)
         handle = TransferHandle(next(self._xfer_ids), request, peer, layerwise)
@@ -400,15 +405,11 @@ class Endpoint:
         self._post("pull", link, handle, dst_sel, src_ids, src_heads, boxes)
         return handle
 
-    def _pull_ipc(self, link: _Link, request: str, dst_sel, src_ids, src_heads, layerwise: bool,
+    def _pull_ipc(self, link: _Link, request: str, dst_sel, src_sel, layerwise: bool,
                   called: float, called_cpu: float) -> TransferHandle:
         """Queue the copy kernel(s) of an ipc pull right here, on the caller's thread."""
         started = time.perf_counter()
         layers = (dst_sel.layer_start, dst_sel.layer_stop)
-        # NOTE: validated against the peer cache as mapped (immutable since the handshake), not only
-        # against the link's description: a block id past the mapping is an illegal address on
-        # the GPU, which would poison this process's CUDA context.
-        src_sel = select(link.peer_layout, src_ids, dst_sel.num_tokens, layers=layers, heads=src_heads)
         handle = TransferHandle(next(self._xfer_ids), request, link.name, layerwise)
         stamps = handle.stats.host_stamps
         stamps["called"], stamps["validated"] = called, started

@@ -124,6 +124,8 @@ def select(
     tokens: tuple[int, int] | None = None,
     heads: tuple[int, int] | None = None,
     destination: bool = False,
+    ids_name: str = "block_ids",
+    owner: str | None = None,
 ) -> Selection:
     """Validate a chunk's box against ``layout``; raise ValueError/TypeError naming the bad argument.
 
@@ -132,23 +134,25 @@ def select(
         num_tokens: tokens the request holds in those blocks; every block must hold at least one.
         layers, tokens, heads: ``(start, stop)`` ranges; ``None`` means all.
         destination: the blocks will be written, so duplicates are refused.
+        ids_name, owner: how errors name the block list and the cache (default ``block_ids`` and
+            the layout's name).
     """
     if not isinstance(layout, CacheLayout):
         raise TypeError(f"layout must be a kvlink CacheLayout, got {type(layout).__name__}")
-    ids = block_ids_to_numpy(block_ids)
+    ids = block_ids_to_numpy(block_ids, ids_name)
     if ids.size == 0:
-        raise ValueError("block_ids is empty")
+        raise ValueError(f"{ids_name} is empty")
     bad = (ids < 0) | (ids >= layout.num_blocks)
     if bad.any():
         raise ValueError(
-            f"block_ids[{int(np.argmax(bad))}]={int(ids[bad][0])} is out of range [0, {layout.num_blocks}) "
-            f"for {layout.name}"
+            f"{ids_name}[{int(np.argmax(bad))}]={int(ids[bad][0])} is out of range [0, {layout.num_blocks}) "
+            + (f"of {owner}" if owner else f"for {layout.name}")
         )
     if destination and ids.size > 1:
         ordered = np.sort(ids)
         repeats = ordered[1:] == ordered[:-1]
         if repeats.any():
-            raise ValueError(f"destination block_ids repeat block {int(ordered[1:][repeats][0])}")
+            raise ValueError(f"destination {ids_name} repeat block {int(ordered[1:][repeats][0])}")
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, Integral):
         raise TypeError(f"num_tokens must be an int, got {type(num_tokens).__name__}")
     num_tokens = int(num_tokens)
@@ -160,7 +164,8 @@ def select(
     needed_blocks = -(-num_tokens // layout.block_size)
     if needed_blocks != ids.size:
         raise ValueError(
-            f"num_tokens={num_tokens} fills {needed_blocks} blocks of {layout.block_size} but {ids.size} block ids were given"
+            f"num_tokens={num_tokens} fills {needed_blocks} blocks of {layout.block_size} but {ids.size} {ids_name.replace('_', ' ')} "
+            "were given"
         )
     layer_start, layer_stop = _as_range("layers", layers, layout.num_layers)
     token_start, token_stop = _as_range("tokens", tokens, num_tokens)

@@ -78,7 +78,7 @@ def test_blocks_that_do_not_exist_fail_before_anything_is_written(prefill, decod
     link.remote_layout = dict(link.remote_layout, num_blocks=10_000)
     if link.transport == "ipc":
         # the decode side reads the prefill's cache itself: its mapped view refuses the block at once
-        with pytest.raises(ValueError, match=r"block_ids\[1\]=9000 is out of range \[0, 256\) for peer:"):
+        with pytest.raises(ValueError, match=r"src_blocks\[1\]=9000 is out of range \[0, 256\) of prefill's cache"):
             endpoint.pull(peer, "stale", [0, 9000], [1, 2, 3], 20)
     else:
         handle = endpoint.pull(peer, "stale", [0, 9000], [1, 2, 3], 20)
