@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 SMALL = ["--backend", "host", "--layers", "2", "--kv-heads", "2", "--head-dim", "32", "--num-blocks", "128",
          "--tokens", "16", "100", "--iters", "2", "--warmup", "1", "--concurrent", "4", "--concurrent-tokens", "32"]
 
@@ -50,3 +52,10 @@ def test_profile_writes_a_trace_per_side(tmp_path):
     for side in ("decode", "prefill"):
         trace = json.loads((tmp_path / "prof" / f"{side}.json").read_text())
         assert trace["traceEvents"], side
+
+
+def test_gpu_transports_are_refused_on_the_host_path():
+    from kvlink.bench import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--backend", "host", "--transport", "ipc"])
+    assert parse_args(["--backend", "host"]).kvlink_transport == "host"
