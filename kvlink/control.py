@@ -69,8 +69,8 @@ def decode(data: bytes) -> dict:
     if not isinstance(message, dict):
         raise ProtocolError(f"control message is a {type(message).__name__}, expected a map")
     kind = message.get("type")
-    if kind not in SCHEMAS:
-        raise ProtocolError(f"unknown control message type {kind!r}")
+    if not isinstance(kind, str) or kind not in SCHEMAS:
+        raise ProtocolError(f"unknown control message type {kind!r:.80}")
     if message.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(f"{kind}: protocol version {message.get('v')!r}, this kvlink speaks {PROTOCOL_VERSION}")
     for field, types in SCHEMAS[kind].items():

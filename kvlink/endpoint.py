@@ -977,6 +977,8 @@ class Endpoint:
         serve = _Serve(xfer=message["xfer"], request=message["request"], num_tokens=message["num_tokens"],
                        heads=(0, 0), boxes=[], layerwise=message["layerwise"])
         try:
+            if not serve.request or len(serve.request) > 1024:
+                raise ValueError(f"request id must hold 1 to 1024 characters, got {len(serve.request)}")
             src = control.int_list(message, "src_blocks")
             heads = tuple(control.int_list(message, "heads", length=2))
             layers = tuple(control.int_list(message, "layers", length=2))
