@@ -32,9 +32,11 @@ MAX_CONTROL_BYTES = 1 << 20  # a pull for 100k blocks is ~0.6 MB; anything large
 SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "HELLO": {"endpoint": (str,), "fingerprint": (str,), "layout": (dict,), "transports": (list,),
               "host": (str,), "pid": (int,), "device": (str,), "chunk_bytes": (int,),
-              "ipc": (dict, type(None))},  # kvlink.ipc: the layer counters' export (ipc transport offered)
+              "ipc": (dict, type(None)),  # kvlink.ipc: the layer counters' export (ipc transport offered)
+              "auth": (list, type(None))},  # kvlink.auth: [time, nonce, mac] with a shared secret
     "WELCOME": {"endpoint": (str,), "transport": (str,), "nccl_id": (bytes, type(None)), "chunk_bytes": (int,),
-                "layout": (dict,), "ipc": (dict, type(None))},  # ipc: the cache's export and byte strides
+                "layout": (dict,), "ipc": (dict, type(None)),  # ipc: the cache's export and byte strides
+                "auth": (bytes, type(None))},  # kvlink.auth: mac over the HELLO's nonce
     "REJECT": {"reason": (str,)},
     "PULL": {"xfer": (int,), "request": (str,), "src_blocks": (list,), "num_tokens": (int,),
              "layers": (list,), "heads": (list,), "chunks": (list,), "layerwise": (bool,),

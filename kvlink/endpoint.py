@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import zmq
 
-from kvlink import control, cuda_driver, ipc, nccl
+from kvlink import auth, control, cuda_driver, ipc, nccl
 from kvlink.control import ProtocolError
 from kvlink.kernels import _on_device, _plane_table, launch_copy
 from kvlink.layout import CacheLayout, PeerLayout, check_compatible
@@ -240,12 +240,14 @@ class Endpoint:
             in flight than pack/unpack to fill NVLink.
         max_links: most live links (each NCCL link holds a communicator, ~100-250 MiB of GPU
             memory); a peer past the bound is refused at the handshake, naming the bound.
+        secret: shared secret (str or bytes; default ``KVLINK_SECRET``): when set, the handshake
+            is authenticated both ways (kvlink.auth) and peers without it are refused.
     """
 
     def __init__(self, layout: CacheLayout, *, name: str | None = None, listen: str | None = "tcp://127.0.0.1:0",
                  transport: str = "auto", chunk_bytes: int | None = None, num_slots: int = 3,
                  timeout: float = DEFAULT_TIMEOUT, heartbeat: float = 1.0, max_ctas: int | None = None,
-                 max_links: int = 8, ipc_max_ctas: int | None = None):
+                 max_links: int = 8, ipc_max_ctas: int | None = None, secret: str | bytes | None = None):
         if not isinstance(layout, CacheLayout):
             raise TypeError(f"layout must be a kvlink CacheLayout, got {type(layout).__name__}")
         if transport not in TRANSPORTS:
@@ -259,6 +261,8 @@ class Endpoint:
         if max_links < 1:
             raise ValueError(f"max_links must be >= 1, got {max_links}")
         self.max_links = max_links
+        self._secret = auth.normalize_secret(secret if secret is not None else os.environ.get("KVLINK_SECRET"))
+        self._hello_verifier = auth.HelloVerifier(self._secret) if self._secret else None
         self.layout = layout
         self.on_gpu = layout.device.type == "cuda"
         self.device_index = layout.device.index if self.on_gpu else None
@@ -675,10 +679,13 @@ class Endpoint:
         if self.on_gpu:
             device = str(torch.cuda.get_device_properties(self.device_index).uuid)
         transports = self._transports(with_ipc)
+        credentials = None
+        if self._secret:
+            credentials, self._hello_nonce = auth.hello_auth(self._secret, self.name, self.layout.fingerprint)
         return control.encode("HELLO", endpoint=self.name, fingerprint=self.layout.fingerprint,
                               layout=self.layout.to_dict(), transports=transports, host=pysocket.gethostname(),
                               pid=os.getpid(), device=device, chunk_bytes=self.chunk_bytes,
-                              ipc=self._ipc_counters if "ipc" in transports else None)
+                              ipc=self._ipc_counters if "ipc" in transports else None, auth=credentials)
 
     def _connect(self, address: str, timeout: float, poller, with_ipc: bool = True) -> str:
         dealer = self._context.socket(zmq.DEALER)
@@ -695,6 +702,13 @@ class Endpoint:
         if reply["type"] != "WELCOME":
             dealer.close()
             raise ProtocolError(f"expected WELCOME from {address}, got {reply['type']}")
+        if self._secret:
+            try:
+                auth.check_welcome(self._secret, self._hello_nonce, reply["endpoint"], reply["auth"])
+            except auth.AuthError as exc:
+                dealer.send(control.encode("BYE", reason="authentication failed"))
+                dealer.close()
+                raise ConnectionRefusedError(f"{address}: {exc}") from None
         link = _Link(name=reply["endpoint"], role="decode", transport=reply["transport"],
                      remote_layout=reply["layout"], chunk_bytes=reply["chunk_bytes"], socket=dealer)
         live = [l for l in self._links.values() if not l.failed and l.name != link.name]
@@ -733,7 +747,10 @@ class Endpoint:
 
     def _on_hello(self, identity: bytes, message: dict) -> None:
         peer = message["endpoint"]
+        hello_nonce = None
         try:
+            if self._hello_verifier is not None:
+                hello_nonce = self._hello_verifier.check(message["auth"], peer, message["fingerprint"])
             check_compatible(self.layout.to_dict(), message["layout"])
             if message["fingerprint"] != self.layout.fingerprint:
                 raise ValueError(f"layout fingerprints differ: ours {self.layout.fingerprint}, theirs {message['fingerprint']}")
@@ -769,7 +786,8 @@ class Endpoint:
         nccl_id = nccl.unique_id() if transport == "nccl" else None
         self._router.send_multipart([identity, control.encode(
             "WELCOME", endpoint=self.name, transport=transport, nccl_id=nccl_id, chunk_bytes=chunk_bytes,
-            layout=self.layout.to_dict(), ipc=self._ipc_cache if transport == "ipc" else None)])
+            layout=self.layout.to_dict(), ipc=self._ipc_cache if transport == "ipc" else None,
+            auth=auth.welcome_auth(self._secret, hello_nonce, self.name) if hello_nonce else None)])
         link = _Link(name=peer, role="prefill", transport=transport, remote_layout=message["layout"],
                      chunk_bytes=chunk_bytes, identity=identity, peer_memory=peer_counters)
         if transport == "ipc":

@@ -10,9 +10,9 @@ from kvlink.control import ProtocolError
 def test_roundtrip_of_every_message_type():
     samples = {
         "HELLO": dict(endpoint="d", fingerprint="ab", layout={"num_layers": 2}, transports=["host"], host="h",
-                      pid=1, device="", chunk_bytes=1 << 20, ipc=None),
+                      pid=1, device="", chunk_bytes=1 << 20, ipc=None, auth=None),
         "WELCOME": dict(endpoint="p", transport="nccl", nccl_id=b"\x00" * 128, chunk_bytes=1 << 20, layout={},
-                        ipc={"strides": [1, 2, 3]}),
+                        ipc={"strides": [1, 2, 3]}, auth=None),
         "REJECT": dict(reason="no"),
         "PULL": dict(xfer=1, request="r", src_blocks=[1, 2], num_tokens=20, layers=[0, 2], heads=[0, 8],
                      chunks=[[0, 2, 0, 20]], layerwise=False, counter=[0, 0]),

@@ -16,8 +16,9 @@ from kvlink.control import ProtocolError
 
 VALID = {
     "HELLO": dict(endpoint="d", fingerprint="ab", layout={"num_layers": 2}, transports=["host"], host="h", pid=1,
-                  device="", chunk_bytes=1 << 20, ipc=None),
-    "WELCOME": dict(endpoint="p", transport="host", nccl_id=None, chunk_bytes=1 << 20, layout={}, ipc=None),
+                  device="", chunk_bytes=1 << 20, ipc=None, auth=None),
+    "WELCOME": dict(endpoint="p", transport="host", nccl_id=None, chunk_bytes=1 << 20, layout={}, ipc=None,
+                    auth=None),
     "REJECT": dict(reason="no"),
     "PULL": dict(xfer=1, request="r", src_blocks=[1, 2], num_tokens=20, layers=[0, 2], heads=[0, 8],
                  chunks=[[0, 2, 0, 20]], layerwise=False, counter=[0, 0]),
@@ -126,7 +127,8 @@ def test_a_live_endpoint_keeps_serving_through_hostile_peers(generator, caplog):
         linked.setsockopt(zmq.LINGER, 0)
         linked.connect(prefill.address)
         linked.send(control.encode("HELLO", endpoint="liar", fingerprint=dst.fingerprint, layout=dst.to_dict(),
-                                   transports=["host"], host="h", pid=1, device="", chunk_bytes=1 << 20, ipc=None))
+                                   transports=["host"], host="h", pid=1, device="", chunk_bytes=1 << 20, ipc=None,
+                                   auth=None))
         assert linked.poll(5000) and control.decode(linked.recv_multipart()[0])["type"] == "WELCOME"
         lies = [dict(src_blocks=[-1]), dict(src_blocks=[99]), dict(src_blocks=[0] * 5000), dict(num_tokens=-4),
                 dict(num_tokens=2**40), dict(layers=[1, 0]), dict(layers=[0, 99]), dict(heads=[0, 3]),
