@@ -13,7 +13,8 @@ Flow on one link (decode pulls from prefill):
     PULL {xfer, request, src, dst n, tokens, plan}  ->       (ipc transport: layer-wise pulls only)
                                       <- DATA {xfer, chunk} + bytes                   (host transport)
                                       <- SENT {xfer}            (all chunks handed to the wire)
-                                      <- FAILED {xfer, reason}  (nothing of this pull will arrive)
+                                      <- FAILED {xfer, reason, whole}  (nothing more of this pull will arrive)
+    CANCEL {xfer, request}           ->                         (the decode side gave up on it)
     NOTIFY {xfer, request, ok}       ->                         (decode has the blocks: free them)
     HEARTBEAT                       <->
     BYE                             <->
@@ -43,7 +44,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
              "counter": (list,)},  # ipc layer-wise: [slot, base] of the decode side's layer counter
     "DATA": {"xfer": (int,), "chunk": (int,)},
     "SENT": {"xfer": (int,)},
-    "FAILED": {"xfer": (int,), "reason": (str,)},
+    "FAILED": {"xfer": (int,), "reason": (str,), "whole": (bool,)},  # whole: refused before any data moved
+    "CANCEL": {"xfer": (int,), "request": (str,)},  # decode -> prefill: stop serving this pull
     "NOTIFY": {"xfer": (int,), "request": (str,), "ok": (bool,)},
     "HEARTBEAT": {},
     "BYE": {"reason": (str,)},

@@ -58,6 +58,9 @@ log = logging.getLogger("kvlink")
 TRANSPORTS = ("auto", "ipc", "nccl", "host")
 # ipc layer-wise pulls: int32 layer counters on the decode GPU that the prefill's stream advances
 COUNTER_SLOTS = 1024
+# host transport: chunks one serve hands to ZeroMQ per progress turn, so a long pull neither
+# queues its whole payload in memory at once nor keeps cancels and other links waiting
+HOST_CHUNKS_PER_TURN = 8
 DEFAULT_TIMEOUT = float(os.environ.get("KVLINK_TIMEOUT", "30"))
 REFUSED_FLAG = 0x8000  # header flag of a chunk sent in place of data the prefill side refused
 
@@ -104,6 +107,11 @@ class TransferHandle:
         self._status_host: torch.Tensor | None = None  # pinned copy of the unpack status word
         self._refused_at: float | None = None  # when the GPU reported a refused chunk (waiting for the reason)
         self._spin = False  # poll completion tightly (nothing left for the progress thread to do)
+        self.dst_state = "pending"  # then "complete", or for a failed pull "untouched" / "invalid"
+        self.cancelled = False
+        self._chunks_done = 0  # host transport: chunks unpacked so far
+        self._refused_whole = False  # the prefill side refused the whole pull (every chunk arrives empty)
+        self._canceller = None  # set by the endpoint
         self._counter: tuple[int, int, int] | None = None  # ipc layer-wise: (slot, base, layers)
 
     @property
@@ -160,15 +168,41 @@ class TransferHandle:
             raise self.error
         return self
 
+    def cancel(self, timeout: float | None = None) -> bool:
+        """Cancel the pull; True if it was cancelled, False if it had finished already.
+
+        After a cancel, ``error`` says so and ``dst_state`` whether the destination blocks are
+        untouched or must be treated as invalid (data already in flight on the GPU cannot be
+        called back). Waits at most ``timeout`` seconds for the endpoint to take the cancel.
+        """
+        if self._finished.is_set() or self._canceller is None:
+            return False
+        self._canceller(self)
+        timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+        if not self._finished.wait(timeout):
+            raise TimeoutError(f"request {self.request!r} from {self.peer}: cancel not taken within {timeout:.1f} s")
+        return self.cancelled
+
     # -- called by the endpoint ------------------------------------------------------------
-    def _finish(self, error: str | None = None) -> bool:
+    def _finish(self, error: str | None = None, *, untouched: bool | None = None, cancelled: bool = False) -> bool:
+        """Complete the handle once. ``untouched``: for an error, whether the destination blocks are
+        known to be unwritten (default: nothing was queued on the GPU and no chunk unpacked)."""
         with self._lock:
             if self._finished.is_set():
                 return False
             if error is None and self._status_host is not None and int(self._status_host[0]) != STATUS_OK:
-                error = "a received chunk was refused (header mismatch or refused by the sender); nothing was written"
+                error = "a received chunk was refused (header mismatch or refused by the sender)"
+                untouched = self._refused_whole
             if error is not None:
-                self.error = TransferError(f"request {self.request!r} from {self.peer}: {error}")
+                if untouched is None:
+                    untouched = self._event is None and self._chunks_done == 0
+                self.dst_state = "untouched" if untouched else "invalid"
+                self.cancelled = cancelled
+                where = ("the destination blocks are untouched" if untouched else
+                         "the destination blocks may hold part of the data: treat them as invalid")
+                self.error = TransferError(f"request {self.request!r} from {self.peer}: {error}; {where}")
+            else:
+                self.dst_state = "complete"
             now = time.perf_counter()
             self.stats.seconds = now - self._started
             if self.stats.host_stamps:
@@ -290,7 +324,9 @@ class Endpoint:
         self._pack_stream = self._unpack_stream = None
         self._launch_lock = threading.Lock()  # ipc pulls launch on the caller's thread
         self._tracked: collections.deque = collections.deque()  # ipc pulls launched, not yet watched
+        self._cancelled_xfers: collections.deque = collections.deque(maxlen=4096)  # late chunks of these are expected
         self._progress_busy = False  # the progress loop turns every millisecond (no wake-up needed)
+        self._more_to_send = False  # host transport: a serve stopped at its per-turn chunk budget
         self._serve_lock = threading.RLock()  # link.serves: the progress thread and layer_ready() (ipc)
         self._ready_since: dict[str, float] = {}  # when layer_ready() first named a request (stale ones are dropped)
         self._counters = None
@@ -404,6 +440,7 @@ class Endpoint:
         boxes = plan_chunks((dst_sel.layer_start, dst_sel.layer_stop), num_tokens, dst_sel.token_layer_bytes,
                             link.chunk_bytes, layerwise=layerwise)
         handle = TransferHandle(next(self._xfer_ids), request, peer, layerwise)
+        handle._canceller = self._request_cancel
         handle.stats.payload_bytes = dst_sel.payload_bytes
         handle.stats.chunks = len(boxes)
         self._post("pull", link, handle, dst_sel, src_ids, src_heads, boxes)
@@ -415,6 +452,7 @@ class Endpoint:
         started = time.perf_counter()
         layers = (dst_sel.layer_start, dst_sel.layer_stop)
         handle = TransferHandle(next(self._xfer_ids), request, link.name, layerwise)
+        handle._canceller = self._request_cancel
         stamps = handle.stats.host_stamps
         stamps["called"], stamps["validated"] = called, started
         handle.stats.payload_bytes = dst_sel.payload_bytes
@@ -515,6 +553,17 @@ class Endpoint:
                                                base + serve.next_chunk + 1)
                 serve.next_chunk += 1
 
+    def _request_cancel(self, handle: TransferHandle) -> None:
+        self._post("cancel", handle)
+
+    def cancel(self, request: str, timeout: float | None = None) -> int:
+        """Prefill side: stop serving every pull of ``request``; the number stopped.
+
+        Each decode side gets a FAILED naming the cancel (its handle then reports whether its
+        destination blocks are untouched or invalid); the blocks here can be freed.
+        """
+        return self._call("cancel_request", request, timeout=timeout)
+
     def finished_sends(self) -> list[tuple[str, bool]]:
         """Prefill side: (request, ok) for each pull the decode side confirmed since the last call."""
         with self._notify_lock:
@@ -612,7 +661,7 @@ class Endpoint:
             self._track_ipc_pull(*self._tracked.popleft())
         busy = any(link.pending for link in self._links.values()) or any(link.serves for link in self._links.values())
         self._progress_busy = busy
-        wait_ms = 1 if busy else max(1, int((next_heartbeat - time.monotonic()) * 1000))
+        wait_ms = 0 if self._more_to_send else 1 if busy else max(1, int((next_heartbeat - time.monotonic()) * 1000))
         events = dict(poller.poll(wait_ms))
         if self._wake_recv in events:
             while self._wake_recv.poll(0):
@@ -639,7 +688,7 @@ class Endpoint:
 
     def _run_command(self, command, poller) -> None:
         kind, *args = command
-        reply = args[-1] if kind == "connect" else None
+        reply = args[-1] if kind in ("connect", "cancel_request") else None
         try:
             if kind == "connect":
                 reply[1]["result"] = self._connect(args[0], args[1], poller)
@@ -649,6 +698,13 @@ class Endpoint:
                 self._track_ipc_pull(*args)
             elif kind == "wake":
                 pass  # _progress() picks up self._tracked
+            elif kind == "cancel":
+                self._cancel_pull(args[0])
+            elif kind == "cancel_request":
+                reply = args[-1]
+                reply[1]["result"] = sum(self._drop_serves(link, lambda serve: serve.request == args[0],
+                                                           "cancelled by the prefill side", tell_decode=True)
+                                         for link in list(self._links.values()) if link.role == "prefill")
             elif kind == "layer_ready":
                 request, layer, event = args
                 self._ready_layers.setdefault(request, {})[layer] = event
@@ -846,6 +902,27 @@ class Endpoint:
             handle.stats.enqueue_seconds = time.perf_counter() - started
         handle._enqueued.set()
 
+    def _cancel_pull(self, handle: TransferHandle) -> None:
+        """Decode side: end ``handle`` as cancelled and tell the prefill side to stop serving it."""
+        while self._tracked:  # an ipc pull cancelled before this thread saw it
+            self._track_ipc_pull(*self._tracked.popleft())
+        if handle._finished.is_set():
+            return
+        link = self._links.get(handle.peer)
+        if link is not None and link.transport == "ipc" and handle._counter is None and handle._event.query():
+            handle._finish()  # the copy had finished: nothing left to cancel
+            return
+        handle._finish("cancelled by the decode side", cancelled=True)
+        self._cancelled_xfers.append(handle.xfer)
+        if link is None or link.failed:
+            self._release_counter(handle, failed=True)
+            return
+        if link.transport == "host":
+            link.pending.pop(handle.xfer, None)
+        # NOTE: a GPU pull stays pending until its queued work is done (_complete_pulls then sends
+        # NOTIFY ok=False and frees an ipc layer counter, letting its waiting copies run).
+        link.socket.send(control.encode("CANCEL", xfer=handle.xfer, request=handle.request))
+
     def _track_ipc_pull(self, link: _Link, handle: TransferHandle, dst_sel) -> None:
         """Watch an ipc pull queued by pull(); a layer-wise one tells the prefill side its counter."""
         if link.failed:
@@ -902,11 +979,12 @@ class Endpoint:
             return
         handle = link.pending.get(message.get("xfer"))
         if handle is None:
-            if kind in ("DATA", "FAILED"):  # a SENT may trail the transfer's completion
+            if kind in ("DATA", "FAILED") and message.get("xfer") not in self._cancelled_xfers:  # SENT may trail
                 log.warning("kvlink %s: %s for unknown transfer %s from %s", self.name, kind, message.get("xfer"), link.name)
             return
         if kind == "FAILED":
-            handle._finish(f"refused by {link.name}: {message['reason']}")
+            handle._refused_whole = message["whole"]
+            handle._finish(f"refused by {link.name}: {message['reason']}", untouched=True if message["whole"] else None)
             if link.transport == "host":
                 link.pending.pop(handle.xfer, None)
         elif kind == "DATA" and link.transport == "host":
@@ -978,6 +1056,9 @@ class Endpoint:
         link.last_seen = time.monotonic()
         if kind == "PULL":
             self._on_pull(link, message)
+        elif kind == "CANCEL":
+            self._drop_serves(link, lambda serve: serve.xfer == message["xfer"], "cancelled by the decode side",
+                              tell_decode=False)
         elif kind == "NOTIFY":
             with self._notify_lock:
                 self._notifications.append((message["request"], message["ok"]))
@@ -1018,10 +1099,34 @@ class Endpoint:
                            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 for v in b)]
             log.error("kvlink %s: refusing pull %d (request %r) from %s: %s", self.name, serve.xfer, serve.request,
                       link.name, exc)
-            self._router.send_multipart([link.identity, control.encode("FAILED", xfer=serve.xfer, reason=serve.refused)])
+            self._router.send_multipart([link.identity, control.encode("FAILED", xfer=serve.xfer, reason=serve.refused,
+                                                                       whole=True)])
             if link.transport != "nccl":
                 return
         link.serves.append(serve)
+
+    def _drop_serves(self, link: _Link, which, reason: str, tell_decode: bool) -> int:
+        """Stop serving the pulls ``which`` selects on ``link``; the number stopped.
+
+        On NCCL the receiver has posted one receive per chunk, so a stopped pull keeps going with
+        empty (refused) chunks, which its unpack writes nothing of; elsewhere it just ends.
+        """
+        stopped = 0
+        with self._serve_lock:
+            for serve in list(link.serves):
+                if not which(serve) or serve.refused is not None:
+                    continue
+                stopped += 1
+                if link.transport == "nccl":
+                    serve.refused = reason
+                else:
+                    link.serves.remove(serve)
+                log.info("kvlink %s: pull %d (request %r) to %s stopped: %s", self.name, serve.xfer, serve.request,
+                         link.name, reason)
+                if tell_decode:
+                    self._router.send_multipart([link.identity, control.encode(
+                        "FAILED", xfer=serve.xfer, reason=reason, whole=serve.next_chunk == 0)])
+        return stopped
 
     def _on_ipc_pull(self, link: _Link, message: dict) -> None:
         """A layer-wise pull on the ipc link: the decode side's copies wait for our layer counter."""
@@ -1039,7 +1144,8 @@ class Endpoint:
         except (ValueError, ProtocolError) as exc:
             log.error("kvlink %s: refusing pull %d (request %r) from %s: %s", self.name, serve.xfer, serve.request,
                       link.name, exc)
-            self._router.send_multipart([link.identity, control.encode("FAILED", xfer=serve.xfer, reason=str(exc))])
+            self._router.send_multipart([link.identity, control.encode("FAILED", xfer=serve.xfer, reason=str(exc),
+                                                                       whole=True)])
             return
         serve.boxes = [(layer, layer + 1, 0, serve.num_tokens) for layer in range(*layers)]
         serve.counter = counter
@@ -1047,6 +1153,7 @@ class Endpoint:
             link.serves.append(serve)
 
     def _advance_serves(self) -> None:
+        self._more_to_send = False
         for link in self._links.values():
             with self._serve_lock:
                 self._advance_link_serves(link)
@@ -1062,7 +1169,7 @@ class Endpoint:
                               serve.request, link.name)
                 link.serves.pop(0)
                 self._router.send_multipart([link.identity, control.encode(
-                    "FAILED", xfer=serve.xfer, reason=f"prefill side error: {exc}")])
+                    "FAILED", xfer=serve.xfer, reason=f"prefill side error: {exc}", whole=False)])
                 if link.transport == "nccl":  # the chunk stream is out of step with the receiver's
                     self._fail_link(link, f"serving request {serve.request!r} failed: {exc}")
                 break
@@ -1075,6 +1182,7 @@ class Endpoint:
     def _serve_chunks(self, link: _Link, serve: _Serve) -> bool:
         """Issue the chunks whose layers are ready; True when every chunk is issued."""
         ready = self._ready_layers.get(serve.request, {})
+        sent = 0
         while serve.next_chunk < len(serve.boxes):
             box = serve.boxes[serve.next_chunk]
             if serve.layerwise and serve.refused is None and any(layer not in ready for layer in range(box[0], box[1])):
@@ -1095,7 +1203,11 @@ class Endpoint:
                 self._send_nccl_chunk(link, serve, box, ready, nbytes)
                 serve.enqueue_seconds += time.perf_counter() - started
             else:
+                if sent == HOST_CHUNKS_PER_TURN:
+                    self._more_to_send = True
+                    return False
                 self._send_host_chunk(link, serve, box, nbytes)
+                sent += 1
             serve.next_chunk += 1
         return True
 

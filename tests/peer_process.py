@@ -42,6 +42,10 @@ def prefill_main(conn, preset: str, seed: int, shape: dict, device: str, endpoin
                 conn.send(True)
             elif command == "finished_sends":
                 conn.send(endpoint.finished_sends())
+            elif command == "cancel":
+                conn.send(endpoint.cancel(args[0]))
+            elif command == "links":
+                conn.send(endpoint.links())
 
 
 class PrefillProcess:
@@ -70,3 +74,35 @@ class PrefillProcess:
         self.process.join(10)
         if self.process.is_alive():
             self.process.kill()
+
+
+def decode_main(conn, preset: str, seed: int, shape: dict, address: str, pull: tuple, endpoint_kwargs: dict) -> None:
+    """Connect to ``address``, start one pull, report once its first chunk landed, then idle until killed."""
+    import time
+
+    import kvlink
+
+    logging.basicConfig(level=logging.INFO, format="decode %(levelname)s %(message)s")
+    _, layout = build_cache(preset, seed, shape)
+    endpoint = kvlink.Endpoint(layout, name="doomed-decode", listen=None, **endpoint_kwargs)
+    peer = endpoint.connect(address)
+    src, dst, num_tokens = pull
+    handle = endpoint.pull(peer, "doomed", src, dst, num_tokens)
+    deadline = time.time() + 30
+    while handle._chunks_done == 0 and not handle.done() and time.time() < deadline:
+        time.sleep(0.001)
+    conn.send(("started", handle._chunks_done, handle.done()))
+    conn.poll(120)
+
+
+class DecodeProcess:
+    def __init__(self, preset: str, seed: int, shape: dict, address: str, pull: tuple, **endpoint_kwargs):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=decode_main, args=(child, preset, seed, shape, address, pull,
+                                                             endpoint_kwargs), daemon=True)
+        self.process.start()
+        if not self.conn.poll(60):
+            self.process.kill()
+            raise TimeoutError("decode process did not start its pull")
+        self.started = self.conn.recv()
