@@ -51,7 +51,7 @@ from kvlink.layout import CacheLayout, PeerLayout, check_compatible
 from kvlink.pack import _resolve_backend, pack_selection, prepare, unpack_selection
 from kvlink.plan import Box, box_payload_bytes, plan_chunks
 from kvlink.selection import HEADER_BYTES, block_ids_to_numpy, select
-from kvlink.wire import STATUS_OK
+from kvlink.wire import CHECKSUM_OFFSET, STATUS_OK, payload_checksum_numpy, payload_checksum_torch
 
 log = logging.getLogger("kvlink")
 
@@ -63,6 +63,11 @@ COUNTER_SLOTS = 1024
 HOST_CHUNKS_PER_TURN = 8
 DEFAULT_TIMEOUT = float(os.environ.get("KVLINK_TIMEOUT", "30"))
 REFUSED_FLAG = 0x8000  # header flag of a chunk sent in place of data the prefill side refused
+
+
+def _as_int32(value: torch.Tensor) -> torch.Tensor:
+    """A value in [0, 2**32) as the int32 with the same bits."""
+    return (value - (value >= 2**31).to(value.dtype) * 2**32).to(torch.int32)
 
 
 class TransferError(RuntimeError):
@@ -191,7 +196,10 @@ class TransferHandle:
             if self._finished.is_set():
                 return False
             if error is None and self._status_host is not None and int(self._status_host[0]) != STATUS_OK:
-                error = "a received chunk was refused (header mismatch or refused by the sender)"
+                if self._status_host.numel() > 1 and int(self._status_host[1]):
+                    error = "a received chunk failed its checksum (corrupted on the way) and was not unpacked"
+                else:
+                    error = "a received chunk was refused (header mismatch or refused by the sender)"
                 untouched = self._refused_whole
             if error is not None:
                 if untouched is None:
@@ -254,6 +262,7 @@ class _Serve:
     refused: str | None = None
     next_chunk: int = 0
     counter: tuple[int, int] = (0, 0)  # ipc layer-wise: the decode side's counter slot and base value
+    checksum: bool = False  # put a payload checksum in each chunk's header
 
 
 class Endpoint:
@@ -276,12 +285,16 @@ class Endpoint:
             memory); a peer past the bound is refused at the handshake, naming the bound.
         secret: shared secret (str or bytes; default ``KVLINK_SECRET``): when set, the handshake
             is authenticated both ways (kvlink.auth) and peers without it are refused.
+        checksum: ask senders for a checksum of every chunk's payload and verify it before
+            unpacking (default ``KVLINK_CHECKSUM=1``); a chunk that fails is not unpacked. NCCL
+            and host transports; the ipc transport moves no chunk.
     """
 
     def __init__(self, layout: CacheLayout, *, name: str | None = None, listen: str | None = "tcp://127.0.0.1:0",
                  transport: str = "auto", chunk_bytes: int | None = None, num_slots: int = 3,
                  timeout: float = DEFAULT_TIMEOUT, heartbeat: float = 1.0, max_ctas: int | None = None,
-                 max_links: int = 8, ipc_max_ctas: int | None = None, secret: str | bytes | None = None):
+                 max_links: int = 8, ipc_max_ctas: int | None = None, secret: str | bytes | None = None,
+                 checksum: bool | None = None):
         if not isinstance(layout, CacheLayout):
             raise TypeError(f"layout must be a kvlink CacheLayout, got {type(layout).__name__}")
         if transport not in TRANSPORTS:
@@ -295,6 +308,7 @@ class Endpoint:
         if max_links < 1:
             raise ValueError(f"max_links must be >= 1, got {max_links}")
         self.max_links = max_links
+        self.checksum = bool(checksum) if checksum is not None else os.environ.get("KVLINK_CHECKSUM") == "1"
         self._secret = auth.normalize_secret(secret if secret is not None else os.environ.get("KVLINK_SECRET"))
         self._hello_verifier = auth.HelloVerifier(self._secret) if self._secret else None
         self.layout = layout
@@ -895,7 +909,8 @@ class Endpoint:
         link.socket.send(control.encode(
             "PULL", xfer=handle.xfer, request=handle.request, src_blocks=src_ids.tolist(),
             num_tokens=dst_sel.num_tokens, layers=[dst_sel.layer_start, dst_sel.layer_stop],
-            heads=list(src_heads), chunks=[list(b) for b in boxes], layerwise=handle.layerwise, counter=[0, 0]))
+            heads=list(src_heads), chunks=[list(b) for b in boxes], layerwise=handle.layerwise, counter=[0, 0],
+            checksum=self.checksum))
         if link.transport == "nccl":
             started = time.perf_counter()
             self._post_receives(link, handle, dst_sel, boxes)
@@ -935,12 +950,13 @@ class Endpoint:
             link.socket.send(control.encode(
                 "PULL", xfer=handle.xfer, request=handle.request, src_blocks=[], num_tokens=dst_sel.num_tokens,
                 layers=[dst_sel.layer_start, dst_sel.layer_stop], heads=[0, 0], chunks=[], layerwise=True,
-                counter=[slot, base]))
+                counter=[slot, base], checksum=False))
 
     def _post_receives(self, link: _Link, handle: TransferHandle, dst_sel, boxes) -> None:
         layout, stream, unpack_stream = self.layout, link.stream, self._unpack_stream
         with torch.cuda.stream(unpack_stream):  # zeroed on the stream that later reads it
             status = torch.zeros(1, dtype=torch.int32, device=layout.device)
+        checksum_bad = None
         for box in boxes:
             nbytes = HEADER_BYTES + box_payload_bytes(box, dst_sel.token_layer_bytes)
             slot = self._next_slot()
@@ -949,6 +965,13 @@ class Endpoint:
             link.comm.recv(slot.buffer.data_ptr(), nbytes, stream)
             slot.ready.record(stream)
             unpack_stream.wait_event(slot.ready)
+            if self.checksum:
+                with torch.cuda.stream(unpack_stream):
+                    # a chunk that fails its checksum loses its magic word, so the unpack refuses it whole
+                    bad = _as_int32(payload_checksum_torch(slot.buffer[HEADER_BYTES:nbytes])) != \
+                        slot.buffer[CHECKSUM_OFFSET:HEADER_BYTES].view(torch.int32)
+                    slot.buffer[:4].view(torch.int32).bitwise_xor_(bad.to(torch.int32) * 0x55555555)
+                    checksum_bad = bad if checksum_bad is None else checksum_bad | bad
             unpack_selection(dst_sel.box(box[:2], box[2:]), slot.buffer[:nbytes], unpack_stream, self._backend,
                              self.max_ctas, status)
             slot.free.record(unpack_stream)
@@ -958,8 +981,10 @@ class Endpoint:
                     handle._layer_events[layer] = event = torch.cuda.Event()
                     event.record(unpack_stream)
         with torch.cuda.stream(unpack_stream):
-            handle._status_host = torch.empty(1, dtype=torch.int32, pin_memory=True)
-            handle._status_host.copy_(status, non_blocking=True)
+            handle._status_host = torch.empty(2 if checksum_bad is not None else 1, dtype=torch.int32, pin_memory=True)
+            handle._status_host[:1].copy_(status, non_blocking=True)
+            if checksum_bad is not None:
+                handle._status_host[1:].copy_(checksum_bad.to(torch.int32).reshape(1), non_blocking=True)
         done = torch.cuda.Event()
         done.record(unpack_stream)
         handle._event = done
@@ -1004,8 +1029,14 @@ class Endpoint:
         try:
             if self.on_gpu:
                 chunk = chunk.to(self.layout.device)
-            if chunk.numel() < HEADER_BYTES + box_payload_bytes(box, dst_sel.token_layer_bytes):
+            needed = HEADER_BYTES + box_payload_bytes(box, dst_sel.token_layer_bytes)
+            if chunk.numel() < needed:
                 raise ValueError(f"chunk {chunk_idx} holds {chunk.numel()} bytes, fewer than its box needs")
+            if self.checksum:
+                data = np.frombuffer(frame.buffer, dtype=np.uint8)
+                sent = int(data[CHECKSUM_OFFSET:HEADER_BYTES].view("<u4")[0])
+                if payload_checksum_numpy(data[HEADER_BYTES:needed]) != sent:
+                    raise ValueError("checksum mismatch: the chunk was corrupted on the way")
             stream = torch.cuda.current_stream(self.device_index) if self.on_gpu else None
             status = unpack_selection(dst_sel.box(box[:2], box[2:]), chunk, stream, self._backend, self.max_ctas)
             if self.on_gpu:
@@ -1074,7 +1105,7 @@ class Endpoint:
         if link.transport == "ipc":
             return self._on_ipc_pull(link, message)
         serve = _Serve(xfer=message["xfer"], request=message["request"], num_tokens=message["num_tokens"],
-                       heads=(0, 0), boxes=[], layerwise=message["layerwise"])
+                       heads=(0, 0), boxes=[], layerwise=message["layerwise"], checksum=message["checksum"])
         try:
             if not serve.request or len(serve.request) > 1024:
                 raise ValueError(f"request id must hold 1 to 1024 characters, got {len(serve.request)}")
@@ -1222,6 +1253,10 @@ class Endpoint:
                 if ready.get(layer) is not None:
                     stream.wait_event(ready[layer])
             pack_selection(serve.sel.box(box[:2], box[2:]), slot.buffer, stream, self._backend, self.max_ctas)
+            if serve.checksum:
+                with torch.cuda.stream(stream):
+                    sent = payload_checksum_torch(slot.buffer[HEADER_BYTES:nbytes])
+                    slot.buffer[CHECKSUM_OFFSET:HEADER_BYTES].view(torch.int32).copy_(_as_int32(sent))
         else:
             nbytes = self._refused_chunk_bytes(link, serve, box)
             with torch.cuda.stream(stream):
@@ -1243,12 +1278,18 @@ class Endpoint:
     def _send_host_chunk(self, link: _Link, serve: _Serve, box: Box, nbytes: int | None) -> None:
         if serve.refused is not None:
             return
+        self._router.send_multipart([link.identity, control.encode("DATA", xfer=serve.xfer, chunk=serve.next_chunk),
+                                     self._host_chunk(serve, box, nbytes)], copy=False)
+
+    def _host_chunk(self, serve: _Serve, box: Box, nbytes: int) -> np.ndarray:
+        """The packed chunk of ``box`` as host bytes, with its payload checksum if asked for."""
         chunk = torch.empty(nbytes, dtype=torch.uint8, device=self.layout.device)
         stream = torch.cuda.current_stream(self.device_index) if self.on_gpu else None
         pack_selection(serve.sel.box(box[:2], box[2:]), chunk, stream, self._backend, self.max_ctas)
         payload = chunk.cpu().numpy()  # synchronizes a GPU cache: the host transport is the slow path
-        self._router.send_multipart([link.identity, control.encode("DATA", xfer=serve.xfer, chunk=serve.next_chunk),
-                                     payload], copy=False)
+        if serve.checksum:
+            payload[CHECKSUM_OFFSET:HEADER_BYTES].view("<u4")[0] = payload_checksum_numpy(payload[HEADER_BYTES:])
+        return payload
 
     # ------------------------------------------------------------------ liveness and shutdown
     def _heartbeat(self, now: float) -> None:

@@ -26,10 +26,11 @@ Header (16 little-endian 32-bit words):
     10    element bytes
     11-12 payload bytes (u64)
     13-14 the first 8 bytes of the layout fingerprint (see CacheLayout.fingerprint)
-    15    reserved (0)
+    15    payload checksum (``payload_checksum``) when the receiver asked for one, else 0
 
 A receiver checks every word except the sender's head indices (it knows how many heads come
-from the payload size, and places them at its own head positions) and the reserved word.
+from the payload size, and places them at its own head positions) and the checksum word, which
+it verifies itself when it asked for checksums.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ assert _FORMAT.size == HEADER_BYTES
 
 # Words a receiver compares (bit i = word i): all but head_start, head_stop and reserved.
 HEADER_CHECK_MASK = 0xFFFF & ~((1 << 7) | (1 << 8) | (1 << 15))
+
+CHECKSUM_OFFSET = 60  # header word 15
 
 # Unpack status codes written by the CUDA kernel (and raised as errors by check_status).
 STATUS_OK = 0
@@ -153,3 +156,45 @@ def check_status(status) -> None:
         raise ChunkError("unpack refused a chunk whose header did not match the destination; nothing was written")
     if code != STATUS_OK:
         raise ChunkError(f"unpack reported unknown status {code}")
+
+
+# ---------------------------------------------------------------------------------- checksums
+# A position-weighted sum over the payload's little-endian 32-bit words (a trailing partial word
+# zero-padded): s1 = sum(w), s2 = sum(w * (i + 1)), both mod 2**32, folded as s1 ^ rotl(s2, 16).
+# It catches flipped, lost and reordered words on the wire, not an adversary; the numpy and the
+# torch form give the same value, so a CPU sender and a GPU receiver agree.
+
+
+def _fold(s1: int, s2: int) -> int:
+    s1, s2 = s1 & 0xFFFFFFFF, s2 & 0xFFFFFFFF
+    return s1 ^ (((s2 << 16) | (s2 >> 16)) & 0xFFFFFFFF)
+
+
+def payload_checksum_numpy(payload: np.ndarray) -> int:
+    data = np.ascontiguousarray(payload, dtype=np.uint8).reshape(-1)
+    pad = -data.size % 4
+    if pad:
+        data = np.concatenate([data, np.zeros(pad, dtype=np.uint8)])
+    words = data.view("<u4").astype(np.uint64)
+    weights = np.arange(1, words.size + 1, dtype=np.uint64)
+    mask = np.uint64(0xFFFFFFFF)
+    s1 = int(words.sum(dtype=np.uint64) & mask)
+    s2 = int(((words * weights) & mask).sum(dtype=np.uint64) & mask)
+    return _fold(s1, s2)
+
+
+def payload_checksum_torch(payload):
+    """The same checksum as an int64 tensor on the payload's device (no host sync)."""
+    import torch
+
+    data = payload.reshape(-1)
+    if data.numel() == 0:
+        return torch.zeros((), dtype=torch.int64, device=data.device)
+    pad = -data.numel() % 4
+    if pad:
+        data = torch.cat([data, torch.zeros(pad, dtype=torch.uint8, device=data.device)])
+    words = data.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    weights = torch.arange(1, words.numel() + 1, dtype=torch.int64, device=data.device)
+    s1 = words.sum() & 0xFFFFFFFF
+    s2 = ((words * weights) & 0xFFFFFFFF).sum() & 0xFFFFFFFF
+    return s1 ^ (((s2 << 16) | (s2 >> 16)) & 0xFFFFFFFF)

@@ -15,7 +15,8 @@ def test_roundtrip_of_every_message_type():
                         ipc={"strides": [1, 2, 3]}, auth=None),
         "REJECT": dict(reason="no"),
         "PULL": dict(xfer=1, request="r", src_blocks=[1, 2], num_tokens=20, layers=[0, 2], heads=[0, 8],
-                     chunks=[[0, 2, 0, 20]], layerwise=False, counter=[0, 0]),
+                     chunks=[[0, 2, 0, 20]], layerwise=False, counter=[0, 0],
+                 checksum=False),
         "DATA": dict(xfer=1, chunk=0),
         "SENT": dict(xfer=1),
         "FAILED": dict(xfer=1, reason="x", whole=True),
@@ -49,7 +50,7 @@ def test_malformed_messages_are_refused(data, match):
 def test_int_lists_are_checked():
     message = control.decode(control.encode("PULL", xfer=1, request="r", src_blocks=[1, "2"], num_tokens=20,
                                             layers=[0, 2], heads=[0, 8, 9], chunks=[], layerwise=False,
-                                            counter=[0, 0]))
+                                            counter=[0, 0], checksum=False))
     with pytest.raises(ProtocolError, match="src_blocks must hold ints"):
         control.int_list(message, "src_blocks")
     with pytest.raises(ProtocolError, match="heads has 3 items, expected 2"):

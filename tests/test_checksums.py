@@ -1,0 +1,83 @@
+"""End-to-end payload checksums (CPU, runs in CI): the function itself, and a corrupted chunk
+on the host transport that must be caught before it is unpacked."""
+
+import numpy as np
+import pytest
+import torch
+
+import kvlink
+from kvlink.wire import payload_checksum_numpy, payload_checksum_torch
+
+SHAPE = dict(num_layers=2, num_blocks=64, block_size=8, num_heads=2, head_dim=16)
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 4097, 1 << 20])
+def test_numpy_and_torch_agree_and_catch_corruption(size):
+    rng = np.random.default_rng(size)
+    data = rng.integers(0, 256, size, dtype=np.uint8)
+    value = payload_checksum_numpy(data)
+    assert value == int(payload_checksum_torch(torch.from_numpy(data)))
+    if size >= 8:
+        flipped = data.copy()
+        flipped[size // 2] ^= 0x10
+        assert payload_checksum_numpy(flipped) != value
+        swapped = data.copy()
+        swapped[:4], swapped[4:8] = data[4:8], data[:4]
+        if not np.array_equal(data[:4], data[4:8]):
+            assert payload_checksum_numpy(swapped) != value, "reordered words must change the checksum"
+
+
+def caches(generator):
+    from engine_access import random_fill
+    return (kvlink.presets.allocate("vllm_flash_attn_nhd", fill=random_fill(generator), **SHAPE),
+            kvlink.presets.allocate("flashinfer_hnd", fill=random_fill(generator), **SHAPE))
+
+
+def packed(layout, ids, num_tokens):
+    chunk = torch.empty(kvlink.packed_nbytes(layout, num_tokens), dtype=torch.uint8)
+    kvlink.pack(layout, ids, num_tokens, chunk)
+    return chunk[64:]
+
+
+def test_checksummed_pulls_are_byte_exact(generator):
+    (_, src), (_, dst) = caches(generator)
+    with kvlink.Endpoint(src, name="p", chunk_bytes=4096, timeout=5) as prefill, \
+            kvlink.Endpoint(dst, name="d", listen=None, chunk_bytes=4096, timeout=5, checksum=True) as decode:
+        seen = []
+        original = prefill._host_chunk
+        prefill._host_chunk = lambda serve, box, nbytes: seen.append(original(serve, box, nbytes)) or seen[-1]
+        peer = decode.connect(prefill.address)
+        src_ids, dst_ids = list(range(10, 23)), list(range(30, 43))
+        handle = decode.pull(peer, "checked", src_ids, dst_ids, 100)
+        handle.wait(5)
+        assert handle.stats.chunks > 1 and len(seen) == handle.stats.chunks
+        assert all(int(c[60:64].view("<u4")[0]) == payload_checksum_numpy(c[64:]) for c in seen)
+        assert torch.equal(packed(dst, dst_ids, 100), packed(src, src_ids, 100))
+
+
+@pytest.mark.parametrize("checksum", [True, False])
+def test_a_chunk_corrupted_on_the_way(generator, checksum):
+    """With checksums the corrupted chunk is refused before any byte lands; without, it lands silently."""
+    from engine_access import snapshot
+    (_, src), (dst_engine, dst) = caches(generator)
+    with kvlink.Endpoint(src, name="p", chunk_bytes=4096, timeout=5) as prefill, \
+            kvlink.Endpoint(dst, name="d", listen=None, chunk_bytes=4096, timeout=5, checksum=checksum) as decode:
+        original = prefill._host_chunk
+
+        def corrupting(serve, box, nbytes):
+            chunk = original(serve, box, nbytes).copy()
+            chunk[64 + 17] ^= 0x01  # one bit, in the first chunk's payload
+            return chunk
+        prefill._host_chunk = corrupting
+        peer = decode.connect(prefill.address)
+        before = snapshot("flashinfer_hnd", dst_engine)
+        handle = decode.pull(peer, "corrupted", [1, 2, 3], [4, 5, 6], 20)
+        if checksum:
+            with pytest.raises(kvlink.TransferError, match=r"chunk 0 refused: checksum mismatch: the chunk was "
+                                                           r"corrupted on the way; the destination blocks are untouched"):
+                handle.wait(5)
+            assert all(torch.equal(a.view(torch.int16), b.view(torch.int16))
+                       for a, b in zip(snapshot("flashinfer_hnd", dst_engine), before))
+        else:
+            handle.wait(5)
+            assert not torch.equal(packed(dst, [4, 5, 6], 20), packed(src, [1, 2, 3], 20))
