@@ -1059,8 +1059,7 @@ class Endpoint:
             for xfer, handle in list(link.pending.items()):
                 if handle._counter is not None and not handle._finished.is_set() and \
                         time.perf_counter() - handle._started > self.timeout:
-                    handle._finish(f"layers not all ready within {self.timeout:.1f} s; the destination blocks may "
-                                   "hold partial data")
+                    handle._finish(f"layers not all ready within {self.timeout:.1f} s")
                 if handle.done():
                     del link.pending[xfer]
                     self._release_counter(handle, failed=handle.error is not None)

@@ -95,7 +95,9 @@ def test_prefill_killed_mid_transfer_then_restarted(transport, decode):
         handle, dst = held_open_pull(endpoint, peer, prefill, "killed")
         os.kill(prefill.process.pid, signal.SIGKILL)
         killed = time.monotonic()
-        with pytest.raises(kvlink.TransferError, match=r"request 'killed' from prefill: link failed"):
+        # whichever bound trips first: the link's heartbeat timeout or the layer-wise pull's own
+        with pytest.raises(kvlink.TransferError,
+                           match=r"request 'killed' from prefill: (link failed|layers not all ready within)"):
             handle.wait(10)
         assert time.monotonic() - killed <= BOUND and handle.dst_state == "invalid"
         torch.cuda.synchronize()
@@ -118,7 +120,8 @@ def test_prefill_that_stops_answering(transport, decode):
         os.kill(prefill.process.pid, signal.SIGSTOP)
         stopped = time.monotonic()
         try:
-            with pytest.raises(kvlink.TransferError, match=r"request 'frozen' from prefill: link failed: no message"):
+            with pytest.raises(kvlink.TransferError,
+                               match=r"request 'frozen' from prefill: (link failed: no message|layers not all ready)"):
                 handle.wait(10)
             assert time.monotonic() - stopped <= BOUND
         finally:
