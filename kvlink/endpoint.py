@@ -1013,6 +1013,9 @@ class Endpoint:
             if link.transport == "host":
                 link.pending.pop(handle.xfer, None)
         elif kind == "DATA" and link.transport == "host":
+            if len(frames) != 2:
+                log.error("kvlink %s: DATA from %s in %d frames (expected 2), ignored", self.name, link.name, len(frames))
+                return
             self._unpack_host_chunk(link, handle, message["chunk"], frames[1])
         elif kind == "SENT":  # informational; completion is when our unpack is done
             handle.stats.sender_enqueue_seconds = float(message.get("enqueue_seconds", 0.0))

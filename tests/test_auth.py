@@ -91,3 +91,9 @@ def test_stale_or_malformed_credentials_are_refused():
             verifier.check(bad, "d", "fp")
     with pytest.raises(TypeError, match="secret must be str or bytes"):
         kvlink.Endpoint(kvlink.presets.allocate("vllm_flash_attn_nhd", **SHAPE)[1], listen=None, secret=123)
+
+
+def test_endpoints_listen_on_loopback_unless_told_otherwise(layouts):
+    src, _ = layouts
+    with kvlink.Endpoint(src, name="p") as endpoint:
+        assert endpoint.address.startswith("tcp://127.0.0.1:")
