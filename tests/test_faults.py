@@ -6,6 +6,7 @@ Every case must end in an error naming the request and the peer within the endpo
 blocks untouched, and let later transfers succeed.
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -69,6 +70,23 @@ def mirror():
     return build_cache(PRESET, SEED, SHAPE)[1]
 
 
+@contextlib.contextmanager
+def big_pull_under_way(layout, generator, request, *, proxy=False):
+    """A prefill process, a decode endpoint linked to it (through a cuttable proxy if asked) and a
+    32 MiB pull whose first chunk has landed: (prefill, decode, peer, handle, dst blocks, proxy)."""
+    prefill = PrefillProcess(PRESET, SEED, SHAPE, **LINK)
+    try:
+        relay = Proxy(prefill.address) if proxy else None
+        with kvlink.Endpoint(layout, name="decode", listen=None, **LINK) as decode:
+            peer = decode.connect(relay.address if relay else prefill.address)
+            src, dst = big_request(generator)
+            handle = decode.pull(peer, request, src, dst, BIG)
+            wait_started(handle)
+            yield prefill, decode, peer, handle, dst, relay
+    finally:
+        prefill.stop()
+
+
 def small_pull_works(endpoint, peer, mirror, request="after"):
     endpoint.pull(peer, request, [5, 6, 7], [590, 591, 592], 40).wait(10)
     assert torch.equal(packed(endpoint.layout, [590, 591, 592], 40), packed(mirror, [5, 6, 7], 40))
@@ -76,29 +94,20 @@ def small_pull_works(endpoint, peer, mirror, request="after"):
 
 def test_prefill_killed_mid_transfer_then_restarted(decode_cache, mirror, generator):
     engine, layout, before = decode_cache
-    prefill = PrefillProcess(PRESET, SEED, SHAPE, **LINK)
-    try:
-        with kvlink.Endpoint(layout, name="decode", listen=None, **LINK) as decode:
-            peer = decode.connect(prefill.address)
-            src, dst = big_request(generator)
-            handle = decode.pull(peer, "big", src, dst, BIG)
-            wait_started(handle)
-            os.kill(prefill.process.pid, signal.SIGKILL)
-            killed = time.monotonic()
-            with pytest.raises(kvlink.TransferError, match=r"request 'big' from prefill: link failed"):
-                handle.wait(10)
-            assert time.monotonic() - killed <= BOUND
-            assert handle.dst_state == "invalid" and "treat them as invalid" in str(handle.error)
-            assert_untouched_outside(engine, before, dst)
-            # a restarted prefill (new process, same name): the decode side links again and moves on
-            restarted = PrefillProcess(PRESET, SEED, SHAPE, **LINK)
-            try:
-                peer = decode.connect(restarted.address)
-                small_pull_works(decode, peer, mirror)
-            finally:
-                restarted.stop()
-    finally:
-        prefill.stop()
+    with big_pull_under_way(layout, generator, "big") as (prefill, decode, _, handle, dst, _):
+        os.kill(prefill.process.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        with pytest.raises(kvlink.TransferError, match=r"request 'big' from prefill: link failed"):
+            handle.wait(10)
+        assert time.monotonic() - killed <= BOUND
+        assert handle.dst_state == "invalid" and "treat them as invalid" in str(handle.error)
+        assert_untouched_outside(engine, before, dst)
+        # a restarted prefill (new process, same name): the decode side links again and moves on
+        restarted = PrefillProcess(PRESET, SEED, SHAPE, **LINK)
+        try:
+            small_pull_works(decode, decode.connect(restarted.address), mirror)
+        finally:
+            restarted.stop()
 
 
 def test_decode_killed_mid_transfer(mirror, generator):
@@ -122,28 +131,19 @@ def test_decode_killed_mid_transfer(mirror, generator):
 
 def test_prefill_that_stops_answering(decode_cache, mirror, generator):
     engine, layout, before = decode_cache
-    prefill = PrefillProcess(PRESET, SEED, SHAPE, **LINK)
-    try:
-        with kvlink.Endpoint(layout, name="decode", listen=None, **LINK) as decode:
-            peer = decode.connect(prefill.address)
-            src, dst = big_request(generator)
-            handle = decode.pull(peer, "frozen", src, dst, BIG)
-            wait_started(handle)
-            os.kill(prefill.process.pid, signal.SIGSTOP)
-            stopped = time.monotonic()
-            try:
-                with pytest.raises(kvlink.TransferError, match=r"request 'frozen' from prefill: link failed: no message"):
-                    handle.wait(10)
-                assert time.monotonic() - stopped <= BOUND
-            finally:
-                os.kill(prefill.process.pid, signal.SIGCONT)
-            assert_untouched_outside(engine, before, dst)
-            with pytest.raises(kvlink.TransferError, match="link is down"):
-                decode.pull(peer, "too-soon", [1], [1], 16)
-            peer = decode.connect(prefill.address)  # the same prefill, alive again: link anew
-            small_pull_works(decode, peer, mirror)
-    finally:
-        prefill.stop()
+    with big_pull_under_way(layout, generator, "frozen") as (prefill, decode, peer, handle, dst, _):
+        os.kill(prefill.process.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            with pytest.raises(kvlink.TransferError, match=r"request 'frozen' from prefill: link failed: no message"):
+                handle.wait(10)
+            assert time.monotonic() - stopped <= BOUND
+        finally:
+            os.kill(prefill.process.pid, signal.SIGCONT)
+        assert_untouched_outside(engine, before, dst)
+        with pytest.raises(kvlink.TransferError, match="link is down"):
+            decode.pull(peer, "too-soon", [1], [1], 16)
+        small_pull_works(decode, decode.connect(prefill.address), mirror)  # alive again: link anew
 
 
 class Proxy:
@@ -188,71 +188,46 @@ class Proxy:
 
 def test_dropped_control_connection(decode_cache, mirror, generator):
     engine, layout, before = decode_cache
-    prefill = PrefillProcess(PRESET, SEED, SHAPE, **LINK)
-    try:
-        proxy = Proxy(prefill.address)
-        with kvlink.Endpoint(layout, name="decode", listen=None, **LINK) as decode:
-            peer = decode.connect(proxy.address)
-            src, dst = big_request(generator)
-            handle = decode.pull(peer, "cut", src, dst, BIG)
-            wait_started(handle)
-            proxy.cut()
-            cut = time.monotonic()
-            with pytest.raises(kvlink.TransferError, match=r"request 'cut' from prefill: link failed"):
-                handle.wait(10)
-            assert time.monotonic() - cut <= BOUND
-            deadline = time.monotonic() + BOUND
-            while not any(link["failed"] for link in prefill.call("links")):
-                assert time.monotonic() < deadline, "the prefill side never noticed the cut"
-                time.sleep(0.05)
-            assert_untouched_outside(engine, before, dst)
-            small_pull_works(decode, decode.connect(prefill.address), mirror)
-    finally:
-        prefill.stop()
+    with big_pull_under_way(layout, generator, "cut", proxy=True) as (prefill, decode, _, handle, dst, proxy):
+        proxy.cut()
+        cut = time.monotonic()
+        with pytest.raises(kvlink.TransferError, match=r"request 'cut' from prefill: link failed"):
+            handle.wait(10)
+        assert time.monotonic() - cut <= BOUND
+        deadline = time.monotonic() + BOUND
+        while not any(link["failed"] for link in prefill.call("links")):
+            assert time.monotonic() < deadline, "the prefill side never noticed the cut"
+            time.sleep(0.05)
+        assert_untouched_outside(engine, before, dst)
+        small_pull_works(decode, decode.connect(prefill.address), mirror)
 
 
 def test_cancel_from_the_decode_side(decode_cache, mirror, generator):
     engine, layout, before = decode_cache
-    prefill = PrefillProcess(PRESET, SEED, SHAPE, **LINK)
-    try:
-        with kvlink.Endpoint(layout, name="decode", listen=None, **LINK) as decode:
-            peer = decode.connect(prefill.address)
-            src, dst = big_request(generator)
-            handle = decode.pull(peer, "changed-my-mind", src, dst, BIG)
-            wait_started(handle)
-            assert handle.cancel(timeout=BOUND) is True
-            assert handle.cancelled and handle.dst_state == "invalid"
-            with pytest.raises(kvlink.TransferError, match=r"request 'changed-my-mind' from prefill: cancelled by the "
-                                                           r"decode side; the destination blocks may hold part"):
-                handle.wait(1)
-            assert handle.cancel() is False  # once
-            assert_untouched_outside(engine, before, dst)
-            # the link moves on at once: the prefill side stopped serving the cancelled pull
-            started = time.monotonic()
-            small_pull_works(decode, peer, mirror)
-            assert time.monotonic() - started < 1.0
-            # a pull cancelled before any chunk landed leaves its blocks untouched
-            decode.pull(peer, "never", [9], [599], 16).cancel(timeout=BOUND)
-    finally:
-        prefill.stop()
+    with big_pull_under_way(layout, generator, "changed-my-mind") as (_, decode, peer, handle, dst, _):
+        assert handle.cancel(timeout=BOUND) is True
+        assert handle.cancelled and handle.dst_state == "invalid"
+        with pytest.raises(kvlink.TransferError, match=r"request 'changed-my-mind' from prefill: cancelled by the "
+                                                       r"decode side; the destination blocks may hold part"):
+            handle.wait(1)
+        assert handle.cancel() is False  # once
+        assert_untouched_outside(engine, before, dst)
+        # the link moves on at once: the prefill side stopped serving the cancelled pull
+        started = time.monotonic()
+        small_pull_works(decode, peer, mirror)
+        assert time.monotonic() - started < 1.0
 
 
 def test_cancel_from_the_prefill_side(decode_cache, mirror, generator):
     engine, layout, before = decode_cache
-    prefill = PrefillProcess(PRESET, SEED, SHAPE, **LINK)
-    try:
-        with kvlink.Endpoint(layout, name="decode", listen=None, **LINK) as decode:
-            peer = decode.connect(prefill.address)
-            src, dst = big_request(generator)
-            handle = decode.pull(peer, "withdrawn", src, dst, BIG)
-            wait_started(handle)
-            assert prefill.call("cancel", "withdrawn") == 1
-            with pytest.raises(kvlink.TransferError, match=r"request 'withdrawn' from prefill: refused by prefill: "
-                                                           r"cancelled by the prefill side"):
-                handle.wait(BOUND)
-            assert handle.dst_state == "invalid"
-            assert_untouched_outside(engine, before, dst)
-            assert prefill.call("cancel", "withdrawn") == 0
-            small_pull_works(decode, peer, mirror)
-    finally:
-        prefill.stop()
+    with big_pull_under_way(layout, generator, "withdrawn") as (prefill, decode, peer, handle, dst, _):
+        assert prefill.call("cancel", "withdrawn") == 1
+        with pytest.raises(kvlink.TransferError, match=r"request 'withdrawn' from prefill: refused by prefill: "
+                                                       r"cancelled by the prefill side"):
+            handle.wait(BOUND)
+        assert handle.dst_state == "invalid"
+        assert_untouched_outside(engine, before, dst)
+        assert prefill.call("cancel", "withdrawn") == 0
+        small_pull_works(decode, peer, mirror)
+
+

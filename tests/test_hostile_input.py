@@ -9,28 +9,13 @@ import msgpack
 import pytest
 import torch
 import zmq
+from control_samples import VALID_MESSAGES
 
 import kvlink
 from kvlink import control
 from kvlink.control import ProtocolError
 
-VALID = {
-    "HELLO": dict(endpoint="d", fingerprint="ab", layout={"num_layers": 2}, transports=["host"], host="h", pid=1,
-                  device="", chunk_bytes=1 << 20, ipc=None, auth=None),
-    "WELCOME": dict(endpoint="p", transport="host", nccl_id=None, chunk_bytes=1 << 20, layout={}, ipc=None,
-                    auth=None),
-    "REJECT": dict(reason="no"),
-    "PULL": dict(xfer=1, request="r", src_blocks=[1, 2], num_tokens=20, layers=[0, 2], heads=[0, 8],
-                 chunks=[[0, 2, 0, 20]], layerwise=False, counter=[0, 0],
-                 checksum=False),
-    "DATA": dict(xfer=1, chunk=0),
-    "SENT": dict(xfer=1),
-    "FAILED": dict(xfer=1, reason="x", whole=True),
-    "CANCEL": dict(xfer=1, request="r"),
-    "NOTIFY": dict(xfer=1, request="r", ok=True),
-    "HEARTBEAT": {},
-    "BYE": dict(reason="bye"),
-}
+VALID = VALID_MESSAGES
 ODD_VALUES = [None, True, -1, 2**63 - 1, -2**63, 1.5, "", "x" * 300, b"\x00" * 7, [], [1, "a", None], {},
               {"k": [1, 2]}, [[[[[]]]]]]
 

@@ -1,0 +1,18 @@
+"""One valid message of every control-plane type (test_control, test_hostile_input)."""
+
+VALID_MESSAGES = {
+    "HELLO": dict(endpoint="d", fingerprint="ab", layout={"num_layers": 2}, transports=["host"], host="h", pid=1,
+                  device="", chunk_bytes=1 << 20, ipc=None, auth=None),
+    "WELCOME": dict(endpoint="p", transport="nccl", nccl_id=b"\x00" * 128, chunk_bytes=1 << 20, layout={},
+                    ipc={"strides": [1, 2, 3]}, auth=None),
+    "REJECT": dict(reason="no"),
+    "PULL": dict(xfer=1, request="r", src_blocks=[1, 2], num_tokens=20, layers=[0, 2], heads=[0, 8],
+                 chunks=[[0, 2, 0, 20]], layerwise=False, counter=[0, 0], checksum=False),
+    "DATA": dict(xfer=1, chunk=0),
+    "SENT": dict(xfer=1),
+    "FAILED": dict(xfer=1, reason="x", whole=True),
+    "CANCEL": dict(xfer=1, request="r"),
+    "NOTIFY": dict(xfer=1, request="r", ok=True),
+    "HEARTBEAT": {},
+    "BYE": dict(reason="closing"),
+}
