@@ -76,33 +76,55 @@ class PrefillProcess:
             self.process.kill()
 
 
-def decode_main(conn, preset: str, seed: int, shape: dict, address: str, pull: tuple, endpoint_kwargs: dict) -> None:
-    """Connect to ``address``, start one pull, report once its first chunk landed, then idle until killed."""
+def decode_main(conn, preset: str, seed: int, shape: dict, address: str, pull: tuple, device: str,
+                endpoint_kwargs: dict) -> None:
+    """Connect to ``address`` and start one pull ("doomed"), then report once data has landed and
+    idle until killed. A layer-wise pull (GPU tests) reports ("pulled",) first and waits for layer
+    1, which the test's prefill side announces; a plain one reports after its first chunk."""
     import time
 
     import kvlink
 
     logging.basicConfig(level=logging.INFO, format="decode %(levelname)s %(message)s")
-    _, layout = build_cache(preset, seed, shape)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    _, layout = build_cache(preset, seed, shape, device)
     endpoint = kvlink.Endpoint(layout, name="doomed-decode", listen=None, **endpoint_kwargs)
     peer = endpoint.connect(address)
-    src, dst, num_tokens = pull
-    handle = endpoint.pull(peer, "doomed", src, dst, num_tokens)
-    deadline = time.time() + 30
-    while handle._chunks_done == 0 and not handle.done() and time.time() < deadline:
-        time.sleep(0.001)
-    conn.send(("started", handle._chunks_done, handle.done()))
+    src, dst, num_tokens, layerwise = pull
+    handle = endpoint.pull(peer, "doomed", src, dst, num_tokens, layerwise=layerwise)
+    if layerwise:
+        conn.send(("pulled",))
+        handle.layer_event(1).synchronize()
+    else:
+        deadline = time.time() + 30
+        while handle._chunks_done == 0 and not handle.done() and time.time() < deadline:
+            time.sleep(0.001)
+    conn.send(("started", handle._chunks_done, handle.done(), str(handle.error) if handle.error else None))
     conn.poll(120)
 
 
 class DecodeProcess:
-    def __init__(self, preset: str, seed: int, shape: dict, address: str, pull: tuple, **endpoint_kwargs):
+    """A decode endpoint in its own process with one pull under way (the fault tests kill it).
+
+    ``pull``: (src blocks, dst blocks, num_tokens, layerwise). For a layer-wise pull, ``on_pulled``
+    runs once the pull is issued (the caller announces the first layers there)."""
+
+    def __init__(self, preset: str, seed: int, shape: dict, address: str, pull: tuple, device: str = "cpu",
+                 on_pulled=None, **endpoint_kwargs):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=decode_main, args=(child, preset, seed, shape, address, pull,
+        self.process = ctx.Process(target=decode_main, args=(child, preset, seed, shape, address, pull, device,
                                                              endpoint_kwargs), daemon=True)
         self.process.start()
+        reply = self._receive()
+        if reply[0] == "pulled":
+            on_pulled()
+            reply = self._receive()
+        self.started = reply
+
+    def _receive(self):
         if not self.conn.poll(60):
             self.process.kill()
-            raise TimeoutError("decode process did not start its pull")
-        self.started = self.conn.recv()
+            raise TimeoutError("decode process did not get its pull under way")
+        return self.conn.recv()

@@ -116,7 +116,8 @@ def test_decode_killed_mid_transfer(mirror, generator):
     _, src_layout = build_cache(PRESET, SEED, SHAPE)
     with kvlink.Endpoint(src_layout, name="prefill", **LINK) as prefill:
         src, dst = big_request(generator)
-        doomed = DecodeProcess(PRESET, SEED + 1, SHAPE, prefill.address, (src.tolist(), dst.tolist(), BIG), **LINK)
+        doomed = DecodeProcess(PRESET, SEED + 1, SHAPE, prefill.address, (src.tolist(), dst.tolist(), BIG, False),
+                               **LINK)
         assert doomed.started[1] > 0 and not doomed.started[2], doomed.started
         os.kill(doomed.process.pid, signal.SIGKILL)
         killed = time.monotonic()

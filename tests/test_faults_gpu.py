@@ -177,3 +177,47 @@ def test_nccl_checksums_pass_clean_chunks(transport, generator):
             assert torch.equal(got[64:], want[64:])
     finally:
         prefill.stop()
+
+
+def test_decode_killed_mid_transfer(transport, generator):
+    """The prefill side (this process) notices within the timeout, aborts what it served the dead
+    peer (NCCL: its communicator), and a new decode process's pull succeeds."""
+    from peer_process import DecodeProcess
+    torch.cuda.set_device("cuda:0")
+    _, layout = build_cache(PRESET, SEED, SHAPE, "cuda:0")
+    with kvlink.Endpoint(layout, name="prefill", transport=transport, **LINK) as prefill:
+        src, dst = list(range(100)), list(range(100, 200))
+        doomed = DecodeProcess(PRESET, SEED + 1, SHAPE, prefill.address, (src, dst, 1600, True), device=decode_device(),
+                               on_pulled=lambda: [prefill.layer_ready("doomed", layer) for layer in (0, 1)],
+                               transport=transport, **LINK)
+        assert doomed.started[0] == "started" and not doomed.started[2]
+        os.kill(doomed.process.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while not any(link["failed"] for link in prefill.links()):
+            assert time.monotonic() - killed <= BOUND, f"the prefill side still serves a dead peer: {prefill.links()}"
+            time.sleep(0.05)
+        torch.cuda.synchronize()  # nothing of the dead link's is left hanging on this GPU
+        survivor = DecodeProcess(PRESET, SEED + 2, SHAPE, prefill.address, ([1, 2], [3, 4], 20, False),
+                                 device=decode_device(), transport=transport, **LINK)
+        assert survivor.started[2] and survivor.started[3] is None, f"the later pull failed: {survivor.started}"
+        survivor.process.kill()
+
+
+def test_dropped_control_connection(transport, decode):
+    from test_faults import Proxy
+    endpoint, engine, before = decode
+    prefill = start_prefill(transport)
+    try:
+        proxy = Proxy(prefill.address)
+        peer = endpoint.connect(proxy.address)
+        handle, dst = held_open_pull(endpoint, peer, prefill, "cut")
+        proxy.cut()
+        cut = time.monotonic()
+        with pytest.raises(kvlink.TransferError, match=r"request 'cut' from prefill: (link failed|layers not all ready)"):
+            handle.wait(10)
+        assert time.monotonic() - cut <= BOUND
+        torch.cuda.synchronize()
+        assert_untouched_outside(engine, before, dst)
+        small_pull_works(endpoint, endpoint.connect(prefill.address))
+    finally:
+        prefill.stop()
