@@ -27,7 +27,8 @@ def prefill_main(conn, preset: str, seed: int, shape: dict, device: str, endpoin
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     _, layout = build_cache(preset, seed, shape, device)
-    with kvlink.Endpoint(layout, name="prefill", **endpoint_kwargs) as endpoint:
+    endpoint_kwargs.setdefault("name", "prefill")
+    with kvlink.Endpoint(layout, **endpoint_kwargs) as endpoint:
         conn.send(endpoint.address)
         while True:
             if not conn.poll(60):

@@ -232,3 +232,23 @@ def test_cancel_from_the_prefill_side(decode_cache, mirror, generator):
         small_pull_works(decode, peer, mirror)
 
 
+
+
+def test_other_links_keep_working_while_one_peer_dies(decode_cache, mirror, generator):
+    """A decode endpoint linked to two prefills: one is killed mid-transfer, the other keeps serving."""
+    _, layout, _ = decode_cache
+    healthy = PrefillProcess(PRESET, SEED, SHAPE, name="healthy", **LINK)
+    try:
+        with big_pull_under_way(layout, generator, "doomed") as (doomed, decode, _, handle, _, _):
+            other = decode.connect(healthy.address)
+            os.kill(doomed.process.pid, signal.SIGKILL)
+            pulls = [decode.pull(other, f"meanwhile-{i}", [i, i + 1], [560 + 2 * i, 561 + 2 * i], 20) for i in range(8)]
+            for i, pull in enumerate(pulls):
+                pull.wait(BOUND)
+                assert torch.equal(packed(layout, [560 + 2 * i, 561 + 2 * i], 20), packed(mirror, [i, i + 1], 20))
+            with pytest.raises(kvlink.TransferError, match="request 'doomed' from prefill: link failed"):
+                handle.wait(10)
+            small_pull_works(decode, other, mirror)
+            assert {link["peer"]: bool(link["failed"]) for link in decode.links()} == {"prefill": True, "healthy": False}
+    finally:
+        healthy.stop()
