@@ -370,6 +370,9 @@ class Endpoint:
             self._router = self._context.socket(zmq.ROUTER)
             self._router.setsockopt(zmq.LINGER, 0)
             self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            # NOTE: only control messages come in here; ZeroMQ drops a peer that sends a bigger
+            # frame before buffering it, so no peer can make this process allocate without bound
+            self._router.setsockopt(zmq.MAXMSGSIZE, control.MAX_CONTROL_BYTES)
             if listen.endswith(":0"):
                 port = self._router.bind_to_random_port(listen[: listen.rfind(":")])
                 self.address = f"{listen[: listen.rfind(':')]}:{port}"
@@ -760,6 +763,8 @@ class Endpoint:
     def _connect(self, address: str, timeout: float, poller, with_ipc: bool = True) -> str:
         dealer = self._context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
+        # control messages and host-transport chunks (at most our chunk size) come in here
+        dealer.setsockopt(zmq.MAXMSGSIZE, max(control.MAX_CONTROL_BYTES, self.chunk_bytes + HEADER_BYTES))
         dealer.connect(address)
         dealer.send(self._hello(with_ipc))
         if not dealer.poll(int(timeout * 1000)):

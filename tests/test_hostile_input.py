@@ -133,6 +133,12 @@ def test_a_live_endpoint_keeps_serving_through_hostile_peers(generator, caplog):
                 refusals += control.decode(linked.recv_multipart()[0])["type"] == "FAILED"
         assert refusals == len(lies) * 20, f"only {refusals} of {len(lies) * 20} lying pulls were refused"
         linked.close()
+        # a frame far over the control-message bound: the peer is dropped, nothing is buffered
+        huge = context.socket(zmq.DEALER)
+        huge.setsockopt(zmq.LINGER, 0)
+        huge.connect(prefill.address)
+        huge.send(bytes(64 << 20))
+        huge.close()
         time.sleep(0.5)
         assert prefill._thread.is_alive()
         with kvlink.Endpoint(dst, name="honest", listen=None, timeout=5) as decode:
