@@ -27,14 +27,21 @@ def libcuda():
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError as exc:
         raise CudaDriverError(f"libcuda.so.1 not loadable: {exc}") from exc
-    u64, u32, void_p = ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p
+    u64, u32, void_p, uint = ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint
+    # CUresult cuMemGetAddressRange_v2(CUdeviceptr* pbase, size_t* psize, CUdeviceptr dptr)
     lib.cuMemGetAddressRange_v2.argtypes = [ctypes.POINTER(u64), ctypes.POINTER(ctypes.c_size_t), u64]
-    lib.cuStreamWaitValue32_v2.argtypes = [void_p, u64, u32, ctypes.c_uint]
-    lib.cuStreamWriteValue32_v2.argtypes = [void_p, u64, u32, ctypes.c_uint]
+    # CUresult cuStreamWaitValue32_v2(CUstream stream, CUdeviceptr addr, cuuint32_t value, unsigned int flags)
+    lib.cuStreamWaitValue32_v2.argtypes = [void_p, u64, u32, uint]
+    # CUresult cuStreamWriteValue32_v2(CUstream stream, CUdeviceptr addr, cuuint32_t value, unsigned int flags)
+    lib.cuStreamWriteValue32_v2.argtypes = [void_p, u64, u32, uint]
+    # CUresult cuCtxGetCurrent(CUcontext* pctx)
     lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(void_p)]
+    # CUresult cuGetErrorName(CUresult error, const char** pStr)
     lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
-    lib.cuLaunchKernel.argtypes = [void_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
-                                   ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, void_p, void_p, void_p]
+    # CUresult cuLaunchKernel(CUfunction f, unsigned int gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY,
+    #                         blockDimZ, unsigned int sharedMemBytes, CUstream hStream, void** kernelParams,
+    #                         void** extra)
+    lib.cuLaunchKernel.argtypes = [void_p, uint, uint, uint, uint, uint, uint, uint, void_p, void_p, void_p]
     return lib
 
 
