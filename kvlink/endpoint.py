@@ -425,6 +425,8 @@ class Endpoint:
         source blocks against the peer's cache geometry from the handshake.
         """
         called, called_cpu = time.perf_counter(), time.thread_time()
+        if self._closed:
+            raise RuntimeError(f"endpoint {self.name} is closed")
         link = self._links.get(peer)
         if link is None or link.role != "decode":
             raise ValueError(f"no link to peer {peer!r}; connect() to it first (links: {sorted(self._links)})")
@@ -510,8 +512,6 @@ class Endpoint:
             # NOTE: no wake-up per pull: the progress thread only has to notice completion (for the
             # NOTIFY), and waking it for each of many pulls makes it compete with this thread for
             # the GIL. A busy loop turns every millisecond anyway; an idle one is woken.
-            if self._closed:
-                raise RuntimeError(f"endpoint {self.name} is closed")
             self._tracked.append((link, handle, dst_sel))
             if not self._progress_busy:
                 self._post("wake")
@@ -1013,8 +1013,11 @@ class Endpoint:
                 log.warning("kvlink %s: %s for unknown transfer %s from %s", self.name, kind, message.get("xfer"), link.name)
             return
         if kind == "FAILED":
-            handle._refused_whole = message["whole"]
-            handle._finish(f"refused by {link.name}: {message['reason']}", untouched=True if message["whole"] else None)
+            # NOTE: a layer-wise ipc pull's copies are queued already and run once its counter is
+            # released, so only the other transports can promise untouched blocks
+            whole = message["whole"] and handle._counter is None
+            handle._refused_whole = whole
+            handle._finish(f"refused by {link.name}: {message['reason']}", untouched=True if whole else None)
             if link.transport == "host":
                 link.pending.pop(handle.xfer, None)
         elif kind == "DATA" and link.transport == "host":
