@@ -46,7 +46,7 @@ import zmq
 
 from kvlink import auth, control, cuda_driver, ipc, nccl
 from kvlink.control import ProtocolError
-from kvlink.kernels import _on_device, _plane_table, launch_copy
+from kvlink.kernels import _on_device, launch_copy
 from kvlink.layout import CacheLayout, PeerLayout, check_compatible
 from kvlink.pack import _resolve_backend, pack_selection, prepare, unpack_selection
 from kvlink.plan import Box, box_payload_bytes, plan_chunks
@@ -791,12 +791,15 @@ class Endpoint:
             dealer.close()
             raise ConnectionRefusedError(f"{self.name} already has {len(live)} live links (max_links={self.max_links})")
         if link.transport == "ipc":
+            link.stream = torch.cuda.Stream(self.layout.device)
+            link.layer_stream = torch.cuda.Stream(self.layout.device)
             try:
                 export = reply["ipc"]
                 link.peer_memory = ipc.import_memory(export, self.device_index)
                 link.peer_layout = PeerLayout.from_description(reply["layout"], export["strides"],
                                                                link.peer_memory.addresses, self.layout.device)
-                _plane_table(link.peer_layout)  # uploaded now, not on the first pull
+                for stream in (link.stream, link.layer_stream):  # plane table and metadata rings now,
+                    prepare(link.peer_layout, stream)               # not on the first pull
             except (ipc.IPCError, KeyError, TypeError, ValueError) as exc:
                 if link.peer_memory is not None:
                     link.peer_memory.close()
@@ -806,8 +809,6 @@ class Endpoint:
                 log.warning("kvlink %s: CUDA IPC with %s failed (%s); linking again without it", self.name,
                             link.name, exc)
                 return self._connect(address, timeout, poller, with_ipc=False)
-            link.stream = torch.cuda.Stream(self.layout.device)
-            link.layer_stream = torch.cuda.Stream(self.layout.device)
         if link.transport == "nccl":
             link.comm = nccl.Communicator(reply["nccl_id"], 1, self.device_index, timeout=timeout, peer=link.name)
             link.stream = torch.cuda.Stream(self.layout.device)

@@ -18,6 +18,7 @@ covers the IPC handles.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -60,12 +61,15 @@ def host_identity() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-def _current_context(device_index: int) -> None:
-    """Make ``device_index``'s primary context current on this thread (driver calls need one)."""
-    torch.cuda.set_device(device_index)
-    torch.cuda.current_stream(device_index)  # initializes the device's context if nothing has yet
-    if not cuda_driver.has_current_context():
-        raise IPCError(f"no CUDA context current for GPU {device_index}")
+@contextlib.contextmanager
+def _current_context(device_index: int):
+    """``device_index``'s primary context current on this thread while the block runs (driver
+    calls need one); the caller's current device is restored afterwards."""
+    with torch.cuda.device(device_index):
+        torch.cuda.current_stream(device_index)  # initializes the device's context if nothing has yet
+        if not cuda_driver.has_current_context():
+            raise IPCError(f"no CUDA context current for GPU {device_index}")
+        yield
 
 
 def export_memory(addresses: list[int], device_index: int) -> dict:
@@ -76,25 +80,25 @@ def export_memory(addresses: list[int], device_index: int) -> dict:
     """
     import cupy
 
-    _current_context(device_index)
-    bases: dict[int, int] = {}
-    allocations, where = [], []
-    for address in addresses:
-        try:
-            base, size = cuda_driver.address_range(address)
-        except cuda_driver.CudaDriverError as exc:
-            raise IPCError(str(exc)) from exc
-        index = bases.get(base)
-        if index is None:
+    with _current_context(device_index):
+        bases: dict[int, int] = {}
+        allocations, where = [], []
+        for address in addresses:
             try:
-                with cupy.cuda.Device(device_index):
-                    handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(base))
-            except cupy.cuda.runtime.CUDARuntimeError as exc:
-                raise IPCError(f"cudaIpcGetMemHandle of the allocation at {base:#x} ({size} bytes): "
-                               f"{exc} (torch's expandable_segments cannot be shared through legacy IPC)") from exc
-            index = bases[base] = len(allocations)
-            allocations.append([handle, int(size)])
-        where.append([index, address - base])
+                base, size = cuda_driver.address_range(address)
+            except cuda_driver.CudaDriverError as exc:
+                raise IPCError(str(exc)) from exc
+            index = bases.get(base)
+            if index is None:
+                try:
+                    with cupy.cuda.Device(device_index):
+                        handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(base))
+                except cupy.cuda.runtime.CUDARuntimeError as exc:
+                    raise IPCError(f"cudaIpcGetMemHandle of the allocation at {base:#x} ({size} bytes): "
+                                   f"{exc} (torch's expandable_segments cannot be shared through legacy IPC)") from exc
+                index = bases[base] = len(allocations)
+                allocations.append([handle, int(size)])
+            where.append([index, address - base])
     return {"pid": os.getpid(), "host": host_identity(), "device": device_index,
             "device_uuid": str(torch.cuda.get_device_properties(device_index).uuid),
             "allocations": allocations, "where": where, "addresses": list(addresses)}
@@ -156,7 +160,6 @@ def import_memory(export: dict, device_index: int) -> PeerMemory:
 
     if export.get("host") != host_identity():
         raise IPCError(f"peer memory is on {export.get('host')}, this process on {host_identity()}")
-    _current_context(device_index)
     peer_device = int(export["device"])
     if export.get("pid") == os.getpid():
         # the same process: the addresses are ours already; only peer access may be missing

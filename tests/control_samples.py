@@ -1,4 +1,6 @@
-"""One valid message of every control-plane type (test_control, test_hostile_input)."""
+"""Control-plane test helpers: one valid message of every type, and a raw peer socket."""
+
+import zmq
 
 VALID_MESSAGES = {
     "HELLO": dict(endpoint="d", fingerprint="ab", layout={"num_layers": 2}, transports=["host"], host="h", pid=1,
@@ -16,3 +18,11 @@ VALID_MESSAGES = {
     "HEARTBEAT": {},
     "BYE": dict(reason="closing"),
 }
+
+
+def raw_dealer(context: zmq.Context, address: str) -> zmq.Socket:
+    """A bare DEALER connected to an endpoint: a peer that speaks the wire format by hand."""
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    return sock

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import zmq
+from control_samples import raw_dealer
 
 import kvlink
 from kvlink import auth, control
@@ -61,9 +62,7 @@ def test_a_replayed_hello_is_refused(layouts):
         context = zmq.Context()
         replies = []
         for _ in range(2):
-            sock = context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(prefill.address)
+            sock = raw_dealer(context, prefill.address)
             sock.send(hello)
             assert sock.poll(5000)
             replies.append(control.decode(sock.recv()))

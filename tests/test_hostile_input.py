@@ -9,7 +9,7 @@ import msgpack
 import pytest
 import torch
 import zmq
-from control_samples import VALID_MESSAGES
+from control_samples import VALID_MESSAGES, raw_dealer
 
 import kvlink
 from kvlink import control
@@ -98,9 +98,7 @@ def test_a_live_endpoint_keeps_serving_through_hostile_peers(generator, caplog):
         context = zmq.Context()
         attackers = []
         for _ in range(4):
-            sock = context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(prefill.address)
+            sock = raw_dealer(context, prefill.address)
             attackers.append(sock)
         out_of_order = [control.encode(kind, **VALID[kind]) for kind in ("PULL", "DATA", "NOTIFY", "SENT", "WELCOME")]
         for i, data in enumerate(mutations(rng, 2000)):
@@ -110,9 +108,7 @@ def test_a_live_endpoint_keeps_serving_through_hostile_peers(generator, caplog):
             if i % 100 == 0:
                 sock.send(out_of_order[(i // 100) % len(out_of_order)])
         # a peer that completes the handshake, then sends pulls whose fields lie
-        linked = context.socket(zmq.DEALER)
-        linked.setsockopt(zmq.LINGER, 0)
-        linked.connect(prefill.address)
+        linked = raw_dealer(context, prefill.address)
         linked.send(control.encode("HELLO", endpoint="liar", fingerprint=dst.fingerprint, layout=dst.to_dict(),
                                    transports=["host"], host="h", pid=1, device="", chunk_bytes=1 << 20, ipc=None,
                                    auth=None))
@@ -134,9 +130,7 @@ def test_a_live_endpoint_keeps_serving_through_hostile_peers(generator, caplog):
         assert refusals == len(lies) * 20, f"only {refusals} of {len(lies) * 20} lying pulls were refused"
         linked.close()
         # a frame far over the control-message bound: the peer is dropped, nothing is buffered
-        huge = context.socket(zmq.DEALER)
-        huge.setsockopt(zmq.LINGER, 0)
-        huge.connect(prefill.address)
+        huge = raw_dealer(context, prefill.address)
         huge.send(bytes(64 << 20))
         huge.close()
         time.sleep(0.5)
