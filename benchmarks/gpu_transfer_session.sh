@@ -2,7 +2,7 @@
 # One call on a 2-GPU machine: end-to-end tests (CUDA IPC; NCCL over NVLink and forced onto its socket
 # transport), then the transfer benchmark on W1 for each kvlink transport.
 # Usage (repo root): bash benchmarks/gpu_transfer_session.sh OUTDIR
-#   KVLINK_TESTS="kernels ipc nccl nccl_socket" (default: all; "" skips the tests)
+#   KVLINK_TESTS="kernels ipc nccl nccl_socket" (the default; also "faults", "soak"; "" skips the tests)
 #   KVLINK_BENCH_TRANSPORTS="auto nccl" (kvlink's --transport per bench run; "" skips the bench)
 #   KVLINK_BENCH_ARGS="..." extra bench flags; KVLINK_PROFILE_PROGRESS_RUN=1 adds progress-thread profiles
 set -u -o pipefail
@@ -38,6 +38,8 @@ for t in ${KVLINK_TESTS-kernels ipc nccl nccl_socket}; do
     ipc) run_tests ipc tests/test_transfer_ipc.py ;;
     nccl) run_tests nccl tests/test_transfer_nccl.py ;;
     nccl_socket) NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 run_tests nccl_socket tests/test_transfer_nccl.py ;;
+    faults) run_tests faults tests/test_faults_gpu.py ;;
+    soak) KVLINK_SOAK_TRANSFERS=${KVLINK_SOAK_TRANSFERS:-2000} run_tests soak tests/test_soak.py ;;
   esac
 done
 for transport in ${KVLINK_BENCH_TRANSPORTS-auto nccl}; do
