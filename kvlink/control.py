@@ -16,6 +16,7 @@ Flow on one link (decode pulls from prefill):
                                       <- FAILED {xfer, reason, whole}  (nothing more of this pull will arrive)
     CANCEL {xfer, request}           ->                         (the decode side gave up on it)
     NOTIFY {xfer, request, ok}       ->                         (decode has the blocks: free them)
+    RELEASE {request}                ->                         (resharding: another rank sent them; free them)
     HEARTBEAT                       <->
     BYE                             <->
 """
@@ -48,6 +49,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "FAILED": {"xfer": (int,), "reason": (str,), "whole": (bool,)},  # whole: refused before any data moved
     "CANCEL": {"xfer": (int,), "request": (str,)},  # decode -> prefill: stop serving this pull
     "NOTIFY": {"xfer": (int,), "request": (str,), "ok": (bool,)},
+    "RELEASE": {"request": (str,)},  # decode -> prefill: done with this request, nothing pulled from you
     "HEARTBEAT": {},
     "BYE": {"reason": (str,)},
 }

@@ -343,6 +343,7 @@ class Endpoint:
         self._more_to_send = False  # host transport: a serve stopped at its per-turn chunk budget
         self._serve_lock = threading.RLock()  # link.serves: the progress thread and layer_ready() (ipc)
         self._ready_since: dict[str, float] = {}  # when layer_ready() first named a request (stale ones are dropped)
+        self._ready_pulls_left: dict[str, int] = {}  # layer-wise pulls still to serve from a request's ready layers
         self._counters = None
         self._counter_values = [0] * COUNTER_SLOTS
         self._counters_busy: set[int] = set()
@@ -541,17 +542,25 @@ class Endpoint:
         with self._launch_lock:
             self._counters_busy.discard(slot)
 
-    def layer_ready(self, request: str, layer: int, stream: torch.cuda.Stream | None = None) -> None:
-        """Prefill side, layer-wise mode: ``layer`` of ``request`` is written (by work queued on ``stream``)."""
+    def layer_ready(self, request: str, layer: int, stream: torch.cuda.Stream | None = None, *,
+                    pulls: int = 1) -> None:
+        """Prefill side, layer-wise mode: ``layer`` of ``request`` is written (by work queued on ``stream``).
+
+        ``pulls``: how many layer-wise pulls will read this request from this cache (several
+        decode ranks under tensor-parallel resharding: ``ReshardPlan.pulls_from``); the
+        request's ready layers are kept until that many have been served (or the timeout).
+        """
         if not 0 <= layer < self.layout.num_layers:
             raise ValueError(f"layer={layer} outside [0, {self.layout.num_layers})")
+        if isinstance(pulls, bool) or not isinstance(pulls, int) or pulls < 1:
+            raise ValueError(f"pulls must be a positive int, got {pulls!r}")
         event = None
         if self.on_gpu:
             stream = stream or torch.cuda.current_stream(self.device_index)
             event = torch.cuda.Event()
             event.record(stream)
             self._signal_layer_now(request, layer, stream)
-        self._post("layer_ready", request, layer, event)
+        self._post("layer_ready", request, layer, event, pulls)
 
     def _signal_layer_now(self, request: str, layer: int, stream: torch.cuda.Stream) -> None:
         """ipc links: advance the decode side's layer counter on the caller's stream, right behind the
@@ -580,6 +589,27 @@ class Endpoint:
         destination blocks are untouched or invalid); the blocks here can be freed.
         """
         return self._call("cancel_request", request, timeout=timeout)
+
+    def release(self, peer: str, request: str) -> None:
+        """Decode side: tell ``peer`` we are done with ``request`` without pulling from it.
+
+        Under tensor-parallel resharding a prefill rank whose heads another rank sent (a GQA
+        replica, MLA's latent) still holds the request's blocks: its ``finished_sends()`` then
+        reports ``(request, True)``, as after a pull. Does not wait.
+        """
+        link = self._links.get(peer)
+        if link is None or link.role != "decode":
+            raise ValueError(f"no link to peer {peer!r}; connect() to it first (links: {sorted(self._links)})")
+        if not isinstance(request, str) or not request or len(request) > 1024:
+            raise TypeError(f"request must be a str id of 1 to 1024 characters, got {request!r:.80}")
+        self._post("release", link, request)
+
+    def remote_layout(self, peer: str) -> dict:
+        """The linked peer's cache description from the handshake (``CacheLayout.to_dict``)."""
+        link = self._links.get(peer)
+        if link is None:
+            raise ValueError(f"no link to peer {peer!r} (links: {sorted(self._links)})")
+        return dict(link.remote_layout)
 
     def finished_sends(self) -> list[tuple[str, bool]]:
         """Prefill side: (request, ok) for each pull the decode side confirmed since the last call."""
@@ -715,6 +745,10 @@ class Endpoint:
                 self._track_ipc_pull(*args)
             elif kind == "wake":
                 pass  # _progress() picks up self._tracked
+            elif kind == "release":
+                link, request = args
+                if not link.failed:
+                    link.socket.send(control.encode("RELEASE", request=request))
             elif kind == "cancel":
                 self._cancel_pull(args[0])
             elif kind == "cancel_request":
@@ -723,9 +757,10 @@ class Endpoint:
                                                            "cancelled by the prefill side", tell_decode=True)
                                          for link in list(self._links.values()) if link.role == "prefill")
             elif kind == "layer_ready":
-                request, layer, event = args
+                request, layer, event, pulls = args
                 self._ready_layers.setdefault(request, {})[layer] = event
                 self._ready_since.setdefault(request, time.monotonic())
+                self._ready_pulls_left.setdefault(request, pulls)
         except Exception as exc:
             if reply is not None:
                 reply[1]["error"] = exc
@@ -1109,6 +1144,12 @@ class Endpoint:
                 # the pulls queued behind it on this link move on
                 with self._serve_lock:
                     link.serves = [serve for serve in link.serves if serve.xfer != message["xfer"]]
+        elif kind == "RELEASE":
+            if not message["request"] or len(message["request"]) > 1024:
+                log.error("kvlink %s: RELEASE from %s with a bad request id, ignored", self.name, link.name)
+                return
+            with self._notify_lock:
+                self._notifications.append((message["request"], True))
         elif kind == "BYE":
             self._fail_link(link, f"peer closed: {message['reason']}", level=logging.INFO)
 
@@ -1194,6 +1235,11 @@ class Endpoint:
         with self._serve_lock:
             link.serves.append(serve)
 
+    def _forget_ready_layers(self, request: str) -> None:
+        self._ready_layers.pop(request, None)
+        self._ready_since.pop(request, None)
+        self._ready_pulls_left.pop(request, None)
+
     def _advance_serves(self) -> None:
         self._more_to_send = False
         for link in self._links.values():
@@ -1216,8 +1262,11 @@ class Endpoint:
                     self._fail_link(link, f"serving request {serve.request!r} failed: {exc}")
                 break
             link.serves.pop(0)
-            self._ready_layers.pop(serve.request, None)
-            self._ready_since.pop(serve.request, None)
+            left = self._ready_pulls_left.get(serve.request, 1) - 1
+            if left > 0:
+                self._ready_pulls_left[serve.request] = left  # other decode ranks still read these layers
+            else:
+                self._forget_ready_layers(serve.request)
             self._router.send_multipart([link.identity, control.encode(
                 "SENT", xfer=serve.xfer, enqueue_seconds=serve.enqueue_seconds)])
 
@@ -1309,8 +1358,7 @@ class Endpoint:
         served = {serve.request for link in self._links.values() for serve in link.serves}
         for request, since in list(self._ready_since.items()):
             if now - since > self.timeout and request not in served:
-                self._ready_layers.pop(request, None)
-                del self._ready_since[request]
+                self._forget_ready_layers(request)
         beat = control.encode("HEARTBEAT")
         for link in list(self._links.values()):
             if link.failed:

@@ -15,6 +15,7 @@ VALID_MESSAGES = {
     "FAILED": dict(xfer=1, reason="x", whole=True),
     "CANCEL": dict(xfer=1, request="r"),
     "NOTIFY": dict(xfer=1, request="r", ok=True),
+    "RELEASE": dict(request="r"),
     "HEARTBEAT": {},
     "BYE": dict(reason="closing"),
 }

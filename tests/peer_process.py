@@ -20,13 +20,24 @@ def build_cache(preset: str, seed: int, shape: dict, device: str = "cpu"):
 
 
 def prefill_main(conn, preset: str, seed: int, shape: dict, device: str, endpoint_kwargs: dict) -> None:
-    """Serve pulls until told to stop; answer layer_ready and finished_sends commands."""
+    """Serve pulls until told to stop; answer layer_ready and finished_sends commands.
+
+    ``shape`` may carry ``rank_heads`` (a tensor-parallel rank): the cache then holds those heads
+    of a truth built from ``seed`` (tests/sharded_caches.py), ``shape`` being the truth's.
+    """
     import kvlink
 
     logging.basicConfig(level=logging.INFO, format="prefill %(levelname)s %(message)s")
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-    _, layout = build_cache(preset, seed, shape, device)
+    shape = dict(shape)
+    rank_heads = shape.pop("rank_heads", None)
+    if rank_heads is not None:
+        from sharded_caches import make_truth, rank_cache
+
+        _, layout = rank_cache(preset, make_truth(seed, **shape), tuple(rank_heads), device)
+    else:
+        _, layout = build_cache(preset, seed, shape, device)
     endpoint_kwargs.setdefault("name", "prefill")
     with kvlink.Endpoint(layout, **endpoint_kwargs) as endpoint:
         conn.send(endpoint.address)
@@ -37,9 +48,9 @@ def prefill_main(conn, preset: str, seed: int, shape: dict, device: str, endpoin
             if command == "stop":
                 return
             if command == "layer_ready":
-                request, layers = args
+                request, layers, *pulls = args
                 for layer in layers:
-                    endpoint.layer_ready(request, layer)
+                    endpoint.layer_ready(request, layer, pulls=pulls[0] if pulls else 1)
                 conn.send(True)
             elif command == "finished_sends":
                 conn.send(endpoint.finished_sends())
