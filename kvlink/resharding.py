@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from kvlink.selection import select
 
@@ -155,7 +155,7 @@ class ReshardedPull:
     def done(self) -> bool:
         return all(h.done() for h in self.handles)
 
-    def wait(self, timeout: float | None = None) -> "ReshardedPull":
+    def wait(self, timeout: float | None = None) -> ReshardedPull:
         deadline = None if timeout is None else time.perf_counter() + timeout
         first_error = None
         for handle in self.handles:
@@ -172,7 +172,7 @@ class ReshardedPull:
         return self
 
     def cancel(self, timeout: float | None = None) -> bool:
-        return any([h.cancel(timeout) for h in self.handles])
+        return any([h.cancel(timeout) for h in self.handles])  # noqa: C419 - cancel every pull, not just the first
 
     @property
     def error(self):

@@ -11,11 +11,23 @@ import contextlib
 import time
 
 import torch
+from peer_process import PrefillProcess
+from sharded_caches import (
+    make_truth,
+    other_blocks,
+    poisoned_cache,
+    rank_cache,
+    read_rows,
+    truth_rows,
+)
 
 import kvlink
-from kvlink.resharding import ReleaseTracker, heads_of_rank, plan_resharding, pull_resharded
-from peer_process import PrefillProcess
-from sharded_caches import make_truth, other_blocks, poisoned_cache, rank_cache, read_rows, truth_rows
+from kvlink.resharding import (
+    ReleaseTracker,
+    heads_of_rank,
+    plan_resharding,
+    pull_resharded,
+)
 
 
 class _LocalPrefill:

@@ -8,8 +8,8 @@ rank's cache holds the truth's heads for that rank, written through the engine's
 from __future__ import annotations
 
 import torch
-
 from engine_access import as_bytes, engine_index, random_fill
+
 from kvlink import presets
 
 

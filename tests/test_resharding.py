@@ -1,10 +1,15 @@
 """Tensor-parallel resharding: the plan, and byte-exact transfers between p prefill and d decode ranks (host transport)."""
 
 import pytest
+from resharding_cases import run_resharded
 
 import kvlink
-from kvlink.resharding import ReleaseTracker, heads_of_rank, plan_resharding, pull_resharded
-from resharding_cases import run_resharded
+from kvlink.resharding import (
+    ReleaseTracker,
+    heads_of_rank,
+    plan_resharding,
+    pull_resharded,
+)
 
 TP_PAIRS = [(1, 2), (2, 1), (2, 4), (4, 2), (1, 4), (4, 1), (8, 2)]
 
