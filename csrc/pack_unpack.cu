@@ -48,6 +48,8 @@ struct Geometry {
     u32 num_tiles;         // num_planes * tiles_per_plane (< 2^31)
     u32 status_overwrite;  // unpack: 1 = the status word is this launch's own (write 0 or 1),
                            // 0 = the caller's, shared by several chunks (only ever set it to 1)
+    u32 head_dim;          // fp8 wire: elements per row
+    u32 cache_scale_bits;  // fp8 wire, unpack into an e4m3 cache: its per-tensor scale (float bits)
 };
 
 // Byte offset inside a plane of vector j of the selected box. INLINE: the block ids live in the
@@ -233,6 +235,151 @@ __global__ void __launch_bounds__(THREADS) kvlink_copy_inline(const __grid_const
                           reinterpret_cast<const u64*>(p.dst_planes));
 }
 
+// ---------------------------------------------------------------------------------- fp8 on the wire
+// Rows travel as e4m3 with one float32 scale per (plane, token, head) row: the chunk's payload is
+// [rows of head_dim e4m3 bytes][one float per row] (kvlink/wire.py). One warp per row: the row's
+// max |x| gives its scale s = max / 448, then q = e4m3(clamp(x / s, -448, 448)). Unpack writes
+// q * s in the cache's dtype, or for an e4m3 cache e4m3(clamp(q * s / cache_scale)).
+//
+// The conversions are written out (NVRTC needs no headers) and follow torch's own (c10 Float8_e4m3fn,
+// BFloat16, IEEE half), all round-to-nearest-even, so kernel and reference (kvlink/reference.py)
+// agree bit for bit on finite inputs. Geometry for these kernels: vecs_per_row = 1 (a "vector" is
+// a row), tiles_per_plane = rows per plane, num_tiles = rows in all, plane_bytes = e4m3 bytes of a plane.
+// Element type codes are kvlink.layout.DTYPE_CODES: 1 fp16, 2 bf16, 3 fp32, 5 e4m3.
+constexpr float FP8_MAX = 448.0f;
+
+__device__ __forceinline__ float half_bits_to_float(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ unsigned short float_to_half_bits(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ unsigned short float_to_bf16_bits(float f) {  // finite f: round to nearest even
+    u32 b = __float_as_uint(f);
+    b += 0x7FFFu + ((b >> 16) & 1u);
+    return (unsigned short)(b >> 16);
+}
+// c10::detail::fp8e4m3fn_from_fp32_value: round to nearest even; >= 480 becomes NaN (callers clamp first)
+__device__ __forceinline__ unsigned char float_to_e4m3(float f) {
+    u32 bits = __float_as_uint(f);
+    const u32 sign = bits & 0x80000000u;
+    bits ^= sign;
+    unsigned char result;
+    if (bits >= (1087u << 20)) {
+        result = 0x7f;
+    } else if (bits < (121u << 23)) {  // below the smallest normal: let a float add do the rounding
+        bits = __float_as_uint(__fadd_rn(__uint_as_float(bits), __uint_as_float(141u << 23)));
+        result = (unsigned char)(bits - (141u << 23));
+    } else {
+        const u32 mant_odd = (bits >> 20) & 1u;
+        bits += ((u32)(7 - 127) << 23) + 0x7FFFFu;
+        bits += mant_odd;
+        result = (unsigned char)(bits >> 20);
+    }
+    return result | (unsigned char)(sign >> 24);
+}
+__device__ __forceinline__ float e4m3_to_float(unsigned char q) {
+    const u32 sign = (u32)(q & 0x80u) << 24;
+    const u32 e = (q >> 3) & 0xFu, m = q & 7u;
+    if (e == 15 && m == 7) return __uint_as_float(0x7fc00000u);
+    const float v = e == 0 ? (float)m * 0.001953125f : __uint_as_float(((e + 120u) << 23) | (m << 20));
+    return __uint_as_float(__float_as_uint(v) | sign);
+}
+
+template <int DT> struct Elem;
+template <> struct Elem<1> {
+    static constexpr int BYTES = 2;
+    static __device__ __forceinline__ float load(const unsigned char* p) {
+        return half_bits_to_float(*reinterpret_cast<const unsigned short*>(p));
+    }
+    static __device__ __forceinline__ void store(unsigned char* p, float v, float) {
+        *reinterpret_cast<unsigned short*>(p) = float_to_half_bits(v);
+    }
+};
+template <> struct Elem<2> {
+    static constexpr int BYTES = 2;
+    static __device__ __forceinline__ float load(const unsigned char* p) {
+        return __uint_as_float((u32)*reinterpret_cast<const unsigned short*>(p) << 16);
+    }
+    static __device__ __forceinline__ void store(unsigned char* p, float v, float) {
+        *reinterpret_cast<unsigned short*>(p) = float_to_bf16_bits(v);
+    }
+};
+template <> struct Elem<3> {
+    static constexpr int BYTES = 4;
+    static __device__ __forceinline__ float load(const unsigned char* p) { return *reinterpret_cast<const float*>(p); }
+    static __device__ __forceinline__ void store(unsigned char* p, float v, float) { *reinterpret_cast<float*>(p) = v; }
+};
+template <> struct Elem<5> {
+    static constexpr int BYTES = 1;
+    static __device__ __forceinline__ float load(const unsigned char* p) { return e4m3_to_float(*p); }
+    static __device__ __forceinline__ void store(unsigned char* p, float v, float cache_scale) {
+        *p = float_to_e4m3(fminf(fmaxf(__fdiv_rn(v, cache_scale), -FP8_MAX), FP8_MAX));
+    }
+};
+
+constexpr int WARPS = THREADS / 32;
+
+template <int SRC>
+__global__ void __launch_bounds__(THREADS) kvlink_pack_fp8(
+    const unsigned char* __restrict__ meta, const u64* __restrict__ plane_ptrs, unsigned char* __restrict__ chunk) {
+    const Geometry g = *reinterpret_cast<const Geometry*>(meta);
+    const int* block_ids = reinterpret_cast<const int*>(meta + META_BLOCK_IDS_OFFSET);
+    write_header(chunk, meta + META_HEADER_OFFSET);
+    unsigned char* values = chunk + HEADER_BYTES;
+    float* scales = reinterpret_cast<float*>(values + (u64)g.num_planes * g.plane_bytes);
+    const u32 lane = threadIdx.x & 31u;
+    for (u32 row = blockIdx.x * WARPS + threadIdx.x / 32; row < g.num_tiles; row += gridDim.x * WARPS) {
+        const u32 p = fast_div(row, g.tpp_mul, g.tpp_shift);
+        const unsigned char* src = reinterpret_cast<const unsigned char*>(plane_ptrs[p])
+                                   + cache_offset(g, block_ids, row - p * g.tiles_per_plane, 0);
+        float amax = 0.0f;
+        for (u32 e = lane; e < g.head_dim; e += 32) amax = fmaxf(amax, fabsf(Elem<SRC>::load(src + e * Elem<SRC>::BYTES)));
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+        const float scale = __fdiv_rn(amax, FP8_MAX);
+        unsigned char* out = values + (u64)row * g.head_dim;
+        // NOTE: the second read of the row hits L1; keeping it in registers would bound head_dim.
+        for (u32 e = lane; e < g.head_dim; e += 32) {
+            const float x = Elem<SRC>::load(src + e * Elem<SRC>::BYTES);
+            out[e] = float_to_e4m3(scale > 0.0f ? fminf(fmaxf(__fdiv_rn(x, scale), -FP8_MAX), FP8_MAX) : 0.0f);
+        }
+        if (lane == 0) scales[row] = scale;
+    }
+}
+
+template <int DST>
+__global__ void __launch_bounds__(THREADS) kvlink_unpack_fp8(
+    const unsigned char* __restrict__ meta, const u64* __restrict__ plane_ptrs,
+    const unsigned char* __restrict__ chunk, int* __restrict__ status) {
+    const Geometry g = *reinterpret_cast<const Geometry*>(meta);
+    const int* block_ids = reinterpret_cast<const int*>(meta + META_BLOCK_IDS_OFFSET);
+    const unsigned char* expected_header = meta + META_HEADER_OFFSET;
+    int mismatch = 0;
+    if (threadIdx.x < HEADER_BYTES && ((g.check_mask >> (threadIdx.x / 4)) & 1u))
+        mismatch = chunk[threadIdx.x] != expected_header[threadIdx.x];
+    const int refused = __syncthreads_or(mismatch);
+    if (threadIdx.x == 0 && (refused || (g.status_overwrite && blockIdx.x == 0))) atomicExch(status, refused);
+    if (refused) return;
+    const unsigned char* values = chunk + HEADER_BYTES;
+    const float* scales = reinterpret_cast<const float*>(values + (u64)g.num_planes * g.plane_bytes);
+    const float cache_scale = __uint_as_float(g.cache_scale_bits);
+    const u32 lane = threadIdx.x & 31u;
+    for (u32 row = blockIdx.x * WARPS + threadIdx.x / 32; row < g.num_tiles; row += gridDim.x * WARPS) {
+        const u32 p = fast_div(row, g.tpp_mul, g.tpp_shift);
+        unsigned char* dst = reinterpret_cast<unsigned char*>(plane_ptrs[p])
+                             + cache_offset(g, block_ids, row - p * g.tiles_per_plane, 0);
+        const float scale = scales[row];
+        const unsigned char* in = values + (u64)row * g.head_dim;
+        for (u32 e = lane; e < g.head_dim; e += 32)
+            Elem<DST>::store(dst + e * Elem<DST>::BYTES, __fmul_rn(e4m3_to_float(in[e]), scale), cache_scale);
+    }
+}
+
 #ifdef KVLINK_INSTANTIATE_ALL
 // For offline compile checks (nvcc -cubin); at run time NVRTC instantiates through name expressions.
 #define KVLINK_INSTANTIATE(VEC)                                                                      \
@@ -245,4 +392,11 @@ KVLINK_INSTANTIATE(8)
 KVLINK_INSTANTIATE(4)
 KVLINK_INSTANTIATE(2)
 KVLINK_INSTANTIATE(1)
+template __global__ void kvlink_pack_fp8<1>(const unsigned char*, const u64*, unsigned char*);
+template __global__ void kvlink_pack_fp8<2>(const unsigned char*, const u64*, unsigned char*);
+template __global__ void kvlink_pack_fp8<3>(const unsigned char*, const u64*, unsigned char*);
+template __global__ void kvlink_unpack_fp8<1>(const unsigned char*, const u64*, const unsigned char*, int*);
+template __global__ void kvlink_unpack_fp8<2>(const unsigned char*, const u64*, const unsigned char*, int*);
+template __global__ void kvlink_unpack_fp8<3>(const unsigned char*, const u64*, const unsigned char*, int*);
+template __global__ void kvlink_unpack_fp8<5>(const unsigned char*, const u64*, const unsigned char*, int*);
 #endif

@@ -43,7 +43,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "PULL": {"xfer": (int,), "request": (str,), "src_blocks": (list,), "num_tokens": (int,),
              "layers": (list,), "heads": (list,), "chunks": (list,), "layerwise": (bool,),
              "counter": (list,),  # ipc layer-wise: [slot, base] of the decode side's layer counter
-             "checksum": (bool,)},  # the sender puts a payload checksum in each chunk's header
+             "checksum": (bool,),  # the sender puts a payload checksum in each chunk's header
+             "wire": (str,)},  # "" (the cache's bytes) or "fp8" (e4m3 rows with scales, kvlink.wire)
     "DATA": {"xfer": (int,), "chunk": (int,)},
     "SENT": {"xfer": (int,)},
     "FAILED": {"xfer": (int,), "reason": (str,), "whole": (bool,)},  # whole: refused before any data moved

@@ -50,7 +50,7 @@ from kvlink.kernels import _on_device, launch_copy
 from kvlink.layout import CacheLayout, PeerLayout, check_compatible
 from kvlink.pack import _resolve_backend, pack_selection, prepare, unpack_selection
 from kvlink.plan import Box, box_payload_bytes, plan_chunks
-from kvlink.selection import HEADER_BYTES, block_ids_to_numpy, select
+from kvlink.selection import HEADER_BYTES, WIRE_DTYPES, block_ids_to_numpy, select, with_wire
 from kvlink.wire import CHECKSUM_OFFSET, STATUS_OK, payload_checksum_numpy, payload_checksum_torch
 
 log = logging.getLogger("kvlink")
@@ -63,6 +63,7 @@ COUNTER_SLOTS = 1024
 HOST_CHUNKS_PER_TURN = 8
 DEFAULT_TIMEOUT = float(os.environ.get("KVLINK_TIMEOUT", "30"))
 REFUSED_FLAG = 0x8000  # header flag of a chunk sent in place of data the prefill side refused
+_DEFAULT = object()  # pull(wire_dtype=...) not given: the endpoint's default
 
 
 def _as_int32(value: torch.Tensor) -> torch.Tensor:
@@ -76,7 +77,8 @@ class TransferError(RuntimeError):
 
 @dataclass
 class TransferStats:
-    payload_bytes: int = 0
+    payload_bytes: int = 0  # bytes of the destination cache filled
+    wire_bytes: int = 0     # bytes that crossed (fewer with fp8 on the wire)
     chunks: int = 0
     seconds: float = 0.0
     enqueue_seconds: float = 0.0         # host time our side spent queueing the GPU work
@@ -263,6 +265,7 @@ class _Serve:
     next_chunk: int = 0
     counter: tuple[int, int] = (0, 0)  # ipc layer-wise: the decode side's counter slot and base value
     checksum: bool = False  # put a payload checksum in each chunk's header
+    wire: str = ""  # "fp8": e4m3 rows and scales on the wire
 
 
 class Endpoint:
@@ -288,13 +291,18 @@ class Endpoint:
         checksum: ask senders for a checksum of every chunk's payload and verify it before
             unpacking (default ``KVLINK_CHECKSUM=1``); a chunk that fails is not unpacked. NCCL
             and host transports; the ipc transport moves no chunk.
+        wire_dtype: default for this endpoint's pulls: None (the cache's own bytes) or ``"fp8"``
+            (e4m3 with a scale per token and head: lossy, about half the bytes; NCCL and host
+            transports, so a decode endpoint with ``"fp8"`` does not offer CUDA IPC). Pulls into
+            an e4m3 cache from a bf16/fp16/fp32 one always use fp8.
+        cache_scale: an e4m3 destination cache's per-tensor scale (stored = value / scale).
     """
 
     def __init__(self, layout: CacheLayout, *, name: str | None = None, listen: str | None = "tcp://127.0.0.1:0",
                  transport: str = "auto", chunk_bytes: int | None = None, num_slots: int = 3,
                  timeout: float = DEFAULT_TIMEOUT, heartbeat: float = 1.0, max_ctas: int | None = None,
                  max_links: int = 8, ipc_max_ctas: int | None = None, secret: str | bytes | None = None,
-                 checksum: bool | None = None):
+                 checksum: bool | None = None, wire_dtype: str | None = None, cache_scale: float = 1.0):
         if not isinstance(layout, CacheLayout):
             raise TypeError(f"layout must be a kvlink CacheLayout, got {type(layout).__name__}")
         if transport not in TRANSPORTS:
@@ -307,6 +315,12 @@ class Endpoint:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         if max_links < 1:
             raise ValueError(f"max_links must be >= 1, got {max_links}")
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
+        if not isinstance(cache_scale, (int, float)) or not 0 < cache_scale < float("inf"):
+            raise ValueError(f"cache_scale must be a positive finite number, got {cache_scale!r}")
+        self.wire_dtype = wire_dtype
+        self.cache_scale = float(cache_scale)
         self.max_links = max_links
         self.checksum = bool(checksum) if checksum is not None else os.environ.get("KVLINK_CHECKSUM") == "1"
         self._secret = auth.normalize_secret(secret if secret is not None else os.environ.get("KVLINK_SECRET"))
@@ -419,11 +433,13 @@ class Endpoint:
 
     def pull(self, peer: str, request: str, src_blocks, dst_blocks, num_tokens: int, *,
              layers: tuple[int, int] | None = None, src_heads: tuple[int, int] | None = None,
-             dst_heads: tuple[int, int] | None = None, layerwise: bool = False) -> TransferHandle:
+             dst_heads: tuple[int, int] | None = None, layerwise: bool = False,
+             wire_dtype: str | None | object = _DEFAULT) -> TransferHandle:
         """Start moving ``request``'s KV from ``peer``'s ``src_blocks`` into our ``dst_blocks``.
 
         Validated here, before anything is sent: our destination blocks against our cache, the
-        source blocks against the peer's cache geometry from the handshake.
+        source blocks against the peer's cache geometry from the handshake. ``wire_dtype``
+        (default: the endpoint's) picks fp8 on the wire for this pull.
         """
         called, called_cpu = time.perf_counter(), time.thread_time()
         if self._closed:
@@ -437,6 +453,17 @@ class Endpoint:
             raise TypeError(f"request must be a non-empty str id, got {request!r}")
         dst_sel = select(self.layout, dst_blocks, num_tokens, layers=layers, heads=dst_heads, destination=True)
         remote = link.remote_layout
+        wire = self.wire_dtype if wire_dtype is _DEFAULT else wire_dtype
+        if wire is None and remote["dtype"] != dst_sel.layout.dtype_name:
+            if self.layout.dtype != torch.float8_e4m3fn:
+                raise ValueError(f"{peer}'s cache is {remote['dtype']} and ours {self.layout.dtype_name}: pull with "
+                                 "wire_dtype='fp8' to convert (lossy), or register caches of one dtype")
+            wire = "fp8"  # a bf16/fp16/fp32 source into an e4m3 cache: quantized on the way, always
+        if wire is not None:
+            if link.transport == "ipc":
+                raise ValueError(f"wire_dtype={wire!r} needs a wire, but the link to {peer} is ipc (a direct copy): "
+                                 "create the decode endpoint with wire_dtype='fp8' or transport='nccl'")
+            dst_sel = with_wire(dst_sel, wire, role="destination")
         src_heads = src_heads or (0, remote["num_heads"])
         if not (0 <= src_heads[0] < src_heads[1] <= remote["num_heads"]) or \
                 src_heads[1] - src_heads[0] != dst_sel.num_selected_heads:
@@ -461,7 +488,8 @@ class Endpoint:
                             link.chunk_bytes, layerwise=layerwise)
         handle = TransferHandle(next(self._xfer_ids), request, peer, layerwise)
         handle._canceller = self._request_cancel
-        handle.stats.payload_bytes = dst_sel.payload_bytes
+        handle.stats.payload_bytes = dst_sel.cache_bytes
+        handle.stats.wire_bytes = dst_sel.payload_bytes
         handle.stats.chunks = len(boxes)
         self._post("pull", link, handle, dst_sel, src_ids, src_heads, boxes)
         return handle
@@ -475,7 +503,7 @@ class Endpoint:
         handle._canceller = self._request_cancel
         stamps = handle.stats.host_stamps
         stamps["called"], stamps["validated"] = called, started
-        handle.stats.payload_bytes = dst_sel.payload_bytes
+        handle.stats.payload_bytes = handle.stats.wire_bytes = dst_sel.payload_bytes
         handle._spin = True
         tokens = (0, dst_sel.num_tokens)
         with self._launch_lock, _on_device(self.device_index):
@@ -778,7 +806,8 @@ class Endpoint:
         """What this endpoint can link with, best first."""
         if self.transport != "auto":
             return [self.transport]
-        offered = ["ipc"] if with_ipc and self._ipc_cache is not None else []
+        # fp8 on the wire needs a wire: an ipc pull is a direct copy of the cache's own bytes
+        offered = ["ipc"] if with_ipc and self._ipc_cache is not None and self.wire_dtype is None else []
         offered += ["nccl"] if self.on_gpu and nccl.available() else []
         return offered + ["host"]
 
@@ -863,7 +892,8 @@ class Endpoint:
             if self._hello_verifier is not None:
                 hello_nonce = self._hello_verifier.check(message["auth"], peer, message["fingerprint"])
             check_compatible(self.layout.to_dict(), message["layout"])
-            if message["fingerprint"] != self.layout.fingerprint:
+            same_dtype = message["layout"].get("dtype") == self.layout.dtype_name  # else fp8 converts (checked above)
+            if same_dtype and message["fingerprint"] != self.layout.fingerprint:
                 raise ValueError(f"layout fingerprints differ: ours {self.layout.fingerprint}, theirs {message['fingerprint']}")
             live = [l for l in self._links.values() if not l.failed and l.name != peer]
             if len(live) >= self.max_links:
@@ -877,6 +907,8 @@ class Endpoint:
         common = ours & set(message["transports"])
         if same_gpu:
             common.discard("nccl")  # NCCL refuses two ranks on one GPU
+        if message["layout"].get("dtype") != self.layout.dtype_name:
+            common.discard("ipc")  # the copy kernel moves bytes; a dtype change needs fp8 on the wire
         peer_counters = None
         if "ipc" in common:
             try:
@@ -951,7 +983,7 @@ class Endpoint:
             "PULL", xfer=handle.xfer, request=handle.request, src_blocks=src_ids.tolist(),
             num_tokens=dst_sel.num_tokens, layers=[dst_sel.layer_start, dst_sel.layer_stop],
             heads=list(src_heads), chunks=[list(b) for b in boxes], layerwise=handle.layerwise, counter=[0, 0],
-            checksum=self.checksum))
+            checksum=self.checksum, wire="fp8" if dst_sel.wire_fp8 else ""))
         if link.transport == "nccl":
             started = time.perf_counter()
             self._post_receives(link, handle, dst_sel, boxes)
@@ -991,7 +1023,7 @@ class Endpoint:
             link.socket.send(control.encode(
                 "PULL", xfer=handle.xfer, request=handle.request, src_blocks=[], num_tokens=dst_sel.num_tokens,
                 layers=[dst_sel.layer_start, dst_sel.layer_stop], heads=[0, 0], chunks=[], layerwise=True,
-                counter=[slot, base], checksum=False))
+                counter=[slot, base], checksum=False, wire=""))
 
     def _post_receives(self, link: _Link, handle: TransferHandle, dst_sel, boxes) -> None:
         layout, stream, unpack_stream = self.layout, link.stream, self._unpack_stream
@@ -1014,7 +1046,7 @@ class Endpoint:
                     slot.buffer[:4].view(torch.int32).bitwise_xor_(bad.to(torch.int32) * 0x55555555)
                     checksum_bad = bad if checksum_bad is None else checksum_bad | bad
             unpack_selection(dst_sel.box(box[:2], box[2:]), slot.buffer[:nbytes], unpack_stream, self._backend,
-                             self.max_ctas, status)
+                             self.max_ctas, status, cache_scale=self.cache_scale)
             slot.free.record(unpack_stream)
             slot.used = True
             if handle.layerwise and box[3] == dst_sel.num_tokens:
@@ -1085,7 +1117,8 @@ class Endpoint:
                 if payload_checksum_numpy(data[HEADER_BYTES:needed]) != sent:
                     raise ValueError("checksum mismatch: the chunk was corrupted on the way")
             stream = torch.cuda.current_stream(self.device_index) if self.on_gpu else None
-            status = unpack_selection(dst_sel.box(box[:2], box[2:]), chunk, stream, self._backend, self.max_ctas)
+            status = unpack_selection(dst_sel.box(box[:2], box[2:]), chunk, stream, self._backend, self.max_ctas,
+                                      cache_scale=self.cache_scale)
             if self.on_gpu:
                 stream.synchronize()
                 if int(status.item()) != STATUS_OK:
@@ -1157,7 +1190,8 @@ class Endpoint:
         if link.transport == "ipc":
             return self._on_ipc_pull(link, message)
         serve = _Serve(xfer=message["xfer"], request=message["request"], num_tokens=message["num_tokens"],
-                       heads=(0, 0), boxes=[], layerwise=message["layerwise"], checksum=message["checksum"])
+                       heads=(0, 0), boxes=[], layerwise=message["layerwise"], checksum=message["checksum"],
+                       wire=message["wire"])
         try:
             if not serve.request or len(serve.request) > 1024:
                 raise ValueError(f"request id must hold 1 to 1024 characters, got {len(serve.request)}")
@@ -1165,7 +1199,11 @@ class Endpoint:
             heads = tuple(control.int_list(message, "heads", length=2))
             layers = tuple(control.int_list(message, "layers", length=2))
             boxes = [tuple(control.int_list({"type": "PULL", "b": b}, "b", length=4)) for b in message["chunks"]]
-            sel = select(self.layout, src, serve.num_tokens, layers=layers, heads=heads)
+            wire = message["wire"]
+            if wire not in ("", "fp8"):
+                raise ValueError(f"unknown wire dtype {wire!r:.40}")
+            sel = with_wire(select(self.layout, src, serve.num_tokens, layers=layers, heads=heads), wire or None,
+                            role="source")
             for box in boxes:
                 if not (layers[0] <= box[0] < box[1] <= layers[1] and 0 <= box[2] < box[3] <= serve.num_tokens):
                     raise ValueError(f"chunk {box} lies outside layers {layers} x tokens [0, {serve.num_tokens})")
@@ -1330,7 +1368,11 @@ class Endpoint:
     def _refused_chunk_bytes(self, link: _Link, serve: _Serve, box) -> int:
         """Size the decode side expects for a chunk of a pull we refused (it planned with its own layout)."""
         remote = link.remote_layout
-        row_bytes = remote["head_dim"] * torch.empty(0, dtype=getattr(torch, remote["dtype"])).element_size()
+        message_wire = serve.wire
+        if message_wire == "fp8":
+            row_bytes = remote["head_dim"] + 4
+        else:
+            row_bytes = remote["head_dim"] * torch.empty(0, dtype=getattr(torch, remote["dtype"])).element_size()
         heads = serve.heads[1] - serve.heads[0] if serve.heads[1] > serve.heads[0] else remote["num_heads"]
         token_layer_bytes = remote["num_kv"] * heads * row_bytes
         return HEADER_BYTES + min(link.chunk_bytes, box_payload_bytes(tuple(box), token_layer_bytes))

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvlink.layout import DTYPE_CODES
 from kvlink.selection import Selection
 from kvlink.wire import HEADER_CHECK_MASK
 
@@ -33,6 +34,9 @@ UNROLL = int(_defines.get("UNROLL", 4))
 CTAS_PER_SM = int(os.environ.get("KVLINK_CTAS_PER_SM", "0"))
 VEC_WIDTHS = (16, 8, 4, 2, 1)
 KERNEL_KINDS = ("pack", "unpack", "copy", "copy_inline")
+# fp8 wire kernels, instantiated per element type (kvlink.layout.DTYPE_CODES) instead of vector width
+FP8_KERNELS = {"pack_fp8": (1, 2, 3), "unpack_fp8": (1, 2, 3, 5)}
+WARPS = THREADS // 32  # fp8 kernels: one warp per row
 META_HEADER_OFFSET = 128
 META_BLOCK_IDS_OFFSET = 192
 SOURCE_NAME = "pack_unpack.cu"
@@ -46,7 +50,7 @@ GEOMETRY_DTYPE = np.dtype([
     ("tokens_per_block", "<u4"), ("tpb_mul", "<u4"), ("tpb_shift", "<u4"),
     ("token_start", "<u4"), ("head_start", "<u4"), ("check_mask", "<u4"),
     ("tiles_per_plane", "<u4"), ("tpp_mul", "<u4"), ("tpp_shift", "<u4"), ("num_tiles", "<u4"),
-    ("status_overwrite", "<u4"),
+    ("status_overwrite", "<u4"), ("head_dim", "<u4"), ("cache_scale_bits", "<u4"),
 ])
 assert GEOMETRY_DTYPE.itemsize <= META_HEADER_OFFSET
 # kvlink_copy_inline's by-value parameter (struct CopyParams): plane tables, record offsets, records.
@@ -101,6 +105,7 @@ def _module(device_index: int):
     import cupy
 
     names = [f"kvlink_{kind}<{vec}>" for kind in KERNEL_KINDS for vec in VEC_WIDTHS]
+    names += [f"kvlink_{kind}<{code}>" for kind, codes in FP8_KERNELS.items() for code in codes]
     with cupy.cuda.Device(device_index):
         # CuPy picks the device's architecture itself.
         module = cupy.RawModule(code=kernel_source(), options=EXTRA_OPTIONS, name_expressions=names)
@@ -220,9 +225,30 @@ def _geometry_record(sel: Selection, vec: int, row_bytes: int, heads_per_token: 
         heads_per_token, *fast_divisor(heads_per_token),
         layout.block_size, *fast_divisor(layout.block_size),
         sel.token_start, sel.head_start, HEADER_CHECK_MASK,
-        tiles_per_plane, *fast_divisor(tiles_per_plane), num_tiles, int(status_overwrite),
+        tiles_per_plane, *fast_divisor(tiles_per_plane), num_tiles, int(status_overwrite), layout.head_dim, 0,
     )
     return GEOMETRY_STRUCT.pack(*record), num_tiles
+
+
+def _fp8_geometry(sel: Selection, status_overwrite: bool, cache_scale: float) -> tuple[bytes, int]:
+    """Geometry of an fp8 pack/unpack launch (a "vector" is one row; see csrc) and its number of rows."""
+    layout = sel.layout
+    heads = sel.num_selected_heads
+    rows_per_plane = sel.num_selected_tokens * heads
+    num_rows = rows_per_plane * sel.num_planes
+    if num_rows >= 2**31:
+        raise ValueError(f"chunk of {num_rows} rows is too large for one fp8 launch; split it (tokens=...)")
+    record = (
+        layout.block_stride, layout.token_stride, layout.head_stride, rows_per_plane * layout.head_dim,
+        sel.num_planes, rows_per_plane,
+        1, *fast_divisor(1),
+        heads, *fast_divisor(heads),
+        layout.block_size, *fast_divisor(layout.block_size),
+        sel.token_start, sel.head_start, HEADER_CHECK_MASK,
+        rows_per_plane, *fast_divisor(rows_per_plane), num_rows, int(status_overwrite), layout.head_dim,
+        struct.unpack("<I", struct.pack("<f", cache_scale))[0],
+    )
+    return GEOMETRY_STRUCT.pack(*record), num_rows
 
 
 def _geometry(sel: Selection, chunk_ptr: int, status_overwrite: bool) -> tuple[bytes, int, int]:
@@ -353,6 +379,9 @@ def prepare(layout, stream: torch.cuda.Stream) -> None:
     for kind in KERNEL_KINDS:
         for vec in VEC_WIDTHS:
             _kernel(device_index, kind, vec)
+    for kind, codes in FP8_KERNELS.items():
+        for code in codes:
+            _kernel(device_index, kind, code)
     _plane_table(layout)
     key = (device_index, stream.cuda_stream)
     if key not in _RINGS:
@@ -360,20 +389,26 @@ def prepare(layout, stream: torch.cuda.Stream) -> None:
 
 
 def launch(kind: str, sel: Selection, chunk: torch.Tensor, stream: torch.cuda.Stream, header: bytes,
-           *, status: torch.Tensor | None = None, max_ctas: int | None = None) -> torch.Tensor | None:
-    """Launch ``kvlink_pack`` or ``kvlink_unpack`` for a validated selection on ``stream``.
+           *, status: torch.Tensor | None = None, max_ctas: int | None = None,
+           cache_scale: float = 1.0) -> torch.Tensor | None:
+    """Launch ``kvlink_pack`` or ``kvlink_unpack`` (their fp8 forms for an fp8 selection) on ``stream``.
 
     For unpack, returns the int32 status word: ``status`` if given (only ever set to 1), else a
     new one the kernel sets to 0 or 1.
     """
     device_index = sel.layout.device.index
     own_status = kind == "unpack" and status is None
-    geometry, vec, num_tiles = _geometry(sel, chunk.data_ptr(), own_status)
+    if sel.wire_fp8:
+        geometry, num_rows = _fp8_geometry(sel, own_status, cache_scale)
+        vec = DTYPE_CODES[sel.layout.dtype]  # the template argument: the cache's element type
+        kind, num_tiles = f"{kind}_fp8", -(-num_rows // WARPS)
+    else:
+        geometry, vec, num_tiles = _geometry(sel, chunk.data_ptr(), own_status)
     with _on_device(device_index):
         meta_address, _keep_alive = _upload_metadata(sel, geometry, header, stream)
         planes_ptr = _plane_table(sel.layout).data_ptr() + 8 * sel.first_plane
         args = [meta_address, planes_ptr, chunk.data_ptr()]
-        if kind == "unpack":
+        if kind.startswith("unpack"):
             if own_status:
                 status = torch.empty(1, dtype=torch.int32, device=sel.layout.device)
                 status.record_stream(stream)  # may be allocated for another stream; keep it until ours is done

@@ -156,6 +156,11 @@ class CacheLayout:
         return self.planes[0].element_size()
 
     @property
+    def dtype_name(self) -> str:
+        """The dtype as the handshake spells it, e.g. ``"bfloat16"``."""
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
     def row_bytes(self) -> int:
         """Bytes of one (token, head) row: head_dim elements."""
         return self.head_dim * self.element_size
@@ -181,11 +186,7 @@ class CacheLayout:
         and so is the local head count, which differs under tensor parallelism (a chunk names
         its head range in its header instead).
         """
-        text = (
-            f"kvlink-layout-v1|layers={self.num_layers}|kv={self.num_kv}"
-            f"|head_dim={self.head_dim}|dtype={str(self.dtype).removeprefix('torch.')}"
-        )
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return layout_fingerprint(self.num_layers, self.num_kv, self.head_dim, self.dtype)
 
     def describe(self) -> str:
         """One line for logs: preset, geometry, dtype, device and strides."""
@@ -214,10 +215,31 @@ class CacheLayout:
         check_compatible(self.to_dict(), other.to_dict())
 
 
+def layout_fingerprint(num_layers: int, num_kv: int, head_dim: int, dtype: torch.dtype) -> str:
+    """What one packed row is: layers, K/V or MLA, head_dim and element type (see CacheLayout.fingerprint)."""
+    text = (f"kvlink-layout-v1|layers={num_layers}|kv={num_kv}"
+            f"|head_dim={head_dim}|dtype={str(dtype).removeprefix('torch.')}")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# dtype pairs (source, destination) that differ but can meet: through fp8 on the wire (kvlink.selection)
+_CONVERTIBLE_SOURCES = ("float16", "bfloat16", "float32")
+_CONVERTIBLE_DESTINATIONS = _CONVERTIBLE_SOURCES + ("float8_e4m3fn",)
+
+
+def dtypes_meet_through_fp8(source_dtype: str, destination_dtype: str) -> bool:
+    """True when two caches of these (different) dtypes can exchange blocks with ``wire_dtype="fp8"``."""
+    return source_dtype in _CONVERTIBLE_SOURCES and destination_dtype in _CONVERTIBLE_DESTINATIONS
+
+
 def check_compatible(mine: dict, theirs: dict) -> None:
-    """Compare two :meth:`CacheLayout.to_dict` descriptions; ValueError names the first mismatch."""
+    """Compare two :meth:`CacheLayout.to_dict` descriptions (``mine`` the source's, ``theirs`` the
+    destination's); ValueError names the first mismatch. Different dtypes are compatible when
+    fp8 on the wire can convert between them."""
     for attr in ("num_layers", "num_kv", "head_dim", "dtype"):
         if mine.get(attr) != theirs.get(attr):
+            if attr == "dtype" and dtypes_meet_through_fp8(mine.get(attr), theirs.get(attr)):
+                continue
             raise ValueError(
                 f"incompatible layouts: {attr} is {mine.get(attr)} in {mine.get('name')} "
                 f"but {theirs.get(attr)} in {theirs.get('name')}"

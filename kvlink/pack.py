@@ -15,13 +15,14 @@ import torch
 
 from kvlink import kernels, reference
 from kvlink.layout import CacheLayout
-from kvlink.selection import HEADER_BYTES, Selection, _as_range, select
+from kvlink.selection import HEADER_BYTES, Selection, _as_range, select, with_wire
 from kvlink.wire import ChunkHeader
 
 BACKENDS = ("auto", "cuda", "torch")
 
 
-def packed_nbytes(layout: CacheLayout, num_tokens: int, *, layers=None, tokens=None, heads=None) -> int:
+def packed_nbytes(layout: CacheLayout, num_tokens: int, *, layers=None, tokens=None, heads=None,
+                  wire_dtype: str | None = None) -> int:
     """Bytes of the chunk (header included) that :func:`pack` writes for this box."""
     if not isinstance(layout, CacheLayout):
         raise TypeError(f"layout must be a kvlink CacheLayout, got {type(layout).__name__}")
@@ -29,7 +30,8 @@ def packed_nbytes(layout: CacheLayout, num_tokens: int, *, layers=None, tokens=N
     token_start, token_stop = _as_range("tokens", tokens, num_tokens)
     head_start, head_stop = _as_range("heads", heads, layout.num_heads)
     planes = (layer_stop - layer_start) * layout.num_kv
-    return HEADER_BYTES + planes * (token_stop - token_start) * (head_stop - head_start) * layout.row_bytes
+    row_bytes = layout.head_dim + 4 if wire_dtype == "fp8" else layout.row_bytes
+    return HEADER_BYTES + planes * (token_stop - token_start) * (head_stop - head_start) * row_bytes
 
 
 def _resolve_backend(layout: CacheLayout, backend: str) -> str:
@@ -101,6 +103,7 @@ def pack(
     stream: torch.cuda.Stream | None = None,
     backend: str = "auto",
     max_ctas: int | None = None,
+    wire_dtype: str | None = None,
 ) -> ChunkHeader:
     """Gather a request's blocks into ``chunk`` (header + payload, see :mod:`kvlink.wire`).
 
@@ -113,11 +116,14 @@ def pack(
         stream: CUDA stream to run on (default: the current stream). Nothing synchronizes.
         backend: ``"auto"`` (CUDA kernel when possible), ``"cuda"`` or ``"torch"`` (reference).
         max_ctas: cap on thread blocks, to leave SMs to concurrent work (e.g. NCCL).
+        wire_dtype: ``"fp8"`` quantizes the rows to e4m3 with a float32 scale per token and head
+            (lossy, about half the bytes of bf16; see :mod:`kvlink.wire`); None copies the bytes.
 
     Returns:
         The header written at the front of ``chunk``.
     """
-    sel = select(layout, block_ids, num_tokens, layers=layers, tokens=tokens, heads=heads)
+    sel = with_wire(select(layout, block_ids, num_tokens, layers=layers, tokens=tokens, heads=heads), wire_dtype,
+                    role="source")
     _check_chunk("chunk", chunk, sel)
     return pack_selection(sel, chunk, _resolve_stream(layout, stream), _resolve_backend(layout, backend), max_ctas)
 
@@ -148,6 +154,8 @@ def unpack(
     backend: str = "auto",
     max_ctas: int | None = None,
     status: torch.Tensor | None = None,
+    wire_dtype: str | None = None,
+    cache_scale: float = 1.0,
 ) -> torch.Tensor:
     """Scatter a packed ``chunk`` into the destination's blocks.
 
@@ -159,8 +167,16 @@ def unpack(
     int32 ``status`` word on the device to 1 (:data:`kvlink.wire.STATUS_HEADER_MISMATCH`);
     :func:`kvlink.wire.check_status` waits for it and raises. Pass your own zeroed ``status`` to
     collect every chunk of a request in one word.
+
+    ``wire_dtype="fp8"`` reads an fp8 chunk (see :func:`pack`) and converts it to the cache's
+    dtype; an e4m3 cache stores ``x / cache_scale`` (its per-tensor scale, as vLLM's k/v_scale).
     """
-    sel = select(layout, block_ids, num_tokens, layers=layers, tokens=tokens, heads=heads, destination=True)
+    sel = with_wire(select(layout, block_ids, num_tokens, layers=layers, tokens=tokens, heads=heads,
+                           destination=True), wire_dtype, role="destination")
+    if wire_dtype is None and layout.dtype == torch.float8_e4m3fn and cache_scale != 1.0:
+        raise ValueError("cache_scale applies to fp8 chunks (wire_dtype='fp8') only")
+    if not isinstance(cache_scale, (int, float)) or not cache_scale > 0 or cache_scale == float("inf"):
+        raise ValueError(f"cache_scale must be a positive finite number, got {cache_scale!r}")
     _check_chunk("chunk", chunk, sel)
     backend = _resolve_backend(layout, backend)
     stream = _resolve_stream(layout, stream)
@@ -169,21 +185,22 @@ def unpack(
             raise TypeError("status must be an int32 tensor with at least one element")
         if status.device != layout.device:
             raise ValueError(f"status is on {status.device} but the cache is on {layout.device}")
-    return unpack_selection(sel, chunk, stream, backend, max_ctas, status)
+    return unpack_selection(sel, chunk, stream, backend, max_ctas, status, cache_scale=float(cache_scale))
 
 
 def unpack_selection(sel: Selection, chunk: torch.Tensor, stream, backend: str, max_ctas: int | None = None,
-                     status: torch.Tensor | None = None) -> torch.Tensor:
+                     status: torch.Tensor | None = None, *, cache_scale: float = 1.0) -> torch.Tensor:
     """unpack() after validation (see :func:`pack_selection`)."""
     layout = sel.layout
     if backend == "cuda":
         header = ChunkHeader.for_selection(sel).to_bytes()
-        return kernels.launch("unpack", sel, chunk, stream, header, status=status, max_ctas=max_ctas)
+        return kernels.launch("unpack", sel, chunk, stream, header, status=status, max_ctas=max_ctas,
+                              cache_scale=cache_scale)
     if status is None:
         status = torch.zeros(1, dtype=torch.int32, device=layout.device)
     if stream is not None:
         with torch.cuda.stream(stream):
-            reference.unpack_reference(sel, chunk)
+            reference.unpack_reference(sel, chunk, cache_scale=cache_scale)
     else:
-        reference.unpack_reference(sel, chunk)
+        reference.unpack_reference(sel, chunk, cache_scale=cache_scale)
     return status

@@ -43,9 +43,61 @@ def _numpy_positions(sel: Selection) -> tuple[np.ndarray, np.ndarray]:
     return sel.block_ids[token_idx // sel.layout.block_size], token_idx % sel.layout.block_size
 
 
+FP8_MAX = 448.0  # largest finite e4m3 value
+
+
+def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 wire: rows ``[..., head_dim]`` -> (e4m3 bytes ``[..., head_dim]`` uint8, float32 scales ``[...]``).
+
+    ``s = max|x| / 448``, ``q = e4m3(clamp(x / s, -448, 448))`` (round to nearest even), q = 0
+    where s = 0. The CUDA kernel does the same float32 operations, so the two agree bit for bit
+    on finite inputs.
+    """
+    x = rows.float()
+    # NOTE: divisions by full tensors, never by a Python scalar: torch may turn x / scalar into
+    # x * (1 / scalar) (CUDA does), which rounds differently from the kernel's true division.
+    amax = x.abs().amax(-1)
+    scale = amax / torch.full_like(amax, FP8_MAX)
+    nonzero = scale > 0
+    divisor = torch.where(nonzero, scale, torch.ones_like(scale))
+    q = torch.where(nonzero[..., None], (x / divisor[..., None]).clamp(-FP8_MAX, FP8_MAX), 0.0)
+    return q.to(torch.float8_e4m3fn).view(torch.uint8), scale
+
+
+def dequantize_rows(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, cache_scale: float = 1.0):
+    """fp8 wire: e4m3 bytes and their row scales -> rows of ``dtype`` (an e4m3 cache: divided by its ``cache_scale``)."""
+    x = values.view(torch.float8_e4m3fn).float() * scales[..., None]
+    if dtype == torch.float8_e4m3fn:
+        return (x / torch.full_like(x, cache_scale)).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+    return x.to(dtype)
+
+
+def _fp8_regions(sel: Selection, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values ``[planes, tokens, heads, head_dim]`` uint8, scales ``[planes, tokens, heads]`` float32) of an fp8 chunk."""
+    rows = sel.num_planes * sel.num_selected_tokens * sel.num_selected_heads
+    shape = (sel.num_planes, sel.num_selected_tokens, sel.num_selected_heads)
+    start = HEADER_BYTES
+    values = chunk[start: start + rows * sel.layout.head_dim].view(*shape, sel.layout.head_dim)
+    scales = chunk[start + rows * sel.layout.head_dim: start + sel.payload_bytes].view(torch.float32).view(shape)
+    return values, scales
+
+
+def _plane_rows(sel: Selection, plane_idx: int, blocks, offsets) -> tuple[torch.Tensor, tuple]:
+    plane = sel.layout.planes[plane_idx]
+    return plane, (blocks, offsets, slice(sel.head_start, sel.head_stop))
+
+
 def pack_reference(sel: Selection, chunk: torch.Tensor) -> None:
     """Write ``sel``'s header and payload into ``chunk`` (uint8, at least ``sel.chunk_bytes``)."""
     header = ChunkHeader.for_selection(sel).to_bytes()
+    if sel.wire_fp8:
+        chunk[:HEADER_BYTES].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+        values, scales = _fp8_regions(sel, chunk)
+        blocks, offsets = _token_positions(sel)
+        for i in range(sel.num_planes):
+            plane, index = _plane_rows(sel, sel.first_plane + i, blocks, offsets)
+            values[i], scales[i] = quantize_rows(plane[index])
+        return
     if chunk.device.type == "cpu":
         out = chunk.numpy()
         out[:HEADER_BYTES] = np.frombuffer(header, dtype=np.uint8)
@@ -65,11 +117,22 @@ def pack_reference(sel: Selection, chunk: torch.Tensor) -> None:
         payload[i].copy_(plane[blocks, offsets, sel.head_start: sel.head_stop])
 
 
-def unpack_reference(sel: Selection, chunk: torch.Tensor, *, check_header: bool = True) -> None:
+def unpack_reference(sel: Selection, chunk: torch.Tensor, *, check_header: bool = True,
+                     cache_scale: float = 1.0) -> None:
     """Scatter ``chunk`` into ``sel``'s blocks; with ``check_header``, refuse a mismatched chunk before writing."""
     if check_header:
         received = ChunkHeader.from_bytes(chunk[:HEADER_BYTES].cpu().numpy().tobytes())
         received.check_matches(ChunkHeader.for_selection(sel))
+    if sel.wire_fp8:
+        values, scales = _fp8_regions(sel, chunk)
+        blocks, offsets = _token_positions(sel)
+        for i in range(sel.num_planes):
+            plane, index = _plane_rows(sel, sel.first_plane + i, blocks, offsets)
+            rows = dequantize_rows(values[i], scales[i], plane.dtype, cache_scale)
+            if plane.dtype == torch.float8_e4m3fn:  # index_put has no fp8 kernels: write the bytes
+                plane, rows = plane.view(torch.uint8), rows.view(torch.uint8)
+            plane[index] = rows
+        return
     if chunk.device.type == "cpu":
         payload = chunk.numpy()[HEADER_BYTES: sel.chunk_bytes].reshape(
             sel.num_planes, sel.num_selected_tokens, sel.num_selected_heads, sel.layout.row_bytes)

@@ -20,6 +20,11 @@ import torch
 from kvlink.layout import CacheLayout
 
 HEADER_BYTES = 64  # see kvlink.wire; here so payload offsets need no import cycle
+FP8_SCALE_BYTES = 4  # fp8 wire: one float32 scale per (plane, token, head) row
+WIRE_DTYPES = (None, "fp8")
+# fp8 on the wire (e4m3, a scale per token and head): caches it can quantize, and caches it can land in
+FP8_SOURCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_DESTINATION_DTYPES = FP8_SOURCE_DTYPES + (torch.float8_e4m3fn,)
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,6 +40,7 @@ class Selection:
     token_stop: int
     head_start: int
     head_stop: int
+    wire_fp8: bool = False  # the chunk carries e4m3 values and a scale per row (see kvlink.wire)
 
     def box(self, layers: tuple[int, int], tokens: tuple[int, int]) -> "Selection":
         """The same request restricted to a sub-box, without validating again (callers check the bounds)."""
@@ -62,18 +68,28 @@ class Selection:
         return self.head_stop - self.head_start
 
     @property
+    def wire_row_bytes(self) -> int:
+        """Chunk bytes of one (token, head) row: head_dim elements, or for fp8 head_dim bytes and a scale."""
+        return self.layout.head_dim + FP8_SCALE_BYTES if self.wire_fp8 else self.layout.row_bytes
+
+    @property
     def token_layer_bytes(self) -> int:
         """Payload bytes of one token in one layer: K and V (or the latent) of the selected heads."""
-        return self.layout.num_kv * self.num_selected_heads * self.layout.row_bytes
+        return self.layout.num_kv * self.num_selected_heads * self.wire_row_bytes
 
     @property
     def plane_bytes(self) -> int:
-        """Payload bytes of one plane: tokens x heads x head_dim elements."""
-        return self.num_selected_tokens * self.num_selected_heads * self.layout.row_bytes
+        """Payload bytes of one plane: tokens x heads rows (for fp8 both regions' share of the plane)."""
+        return self.num_selected_tokens * self.num_selected_heads * self.wire_row_bytes
 
     @property
     def payload_bytes(self) -> int:
         return self.num_planes * self.plane_bytes
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes the box occupies in the cache (the payload's size without wire compression)."""
+        return self.num_planes * self.num_selected_tokens * self.num_selected_heads * self.layout.row_bytes
 
     @property
     def chunk_bytes(self) -> int:
@@ -99,6 +115,26 @@ def _as_range(name: str, value, limit: int) -> tuple[int, int]:
     if not 0 <= start < stop <= limit:
         raise ValueError(f"{name}={value!r} is outside [0, {limit}) or empty")
     return start, stop
+
+
+def with_wire(sel: Selection, wire_dtype: str | None, *, role: str) -> Selection:
+    """``sel`` travelling as ``wire_dtype`` (None: the cache's own bytes; "fp8"); ValueError if it cannot.
+
+    ``role`` is "source" (the cache is quantized) or "destination" (the chunk is converted into it).
+    """
+    if wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
+    if wire_dtype is None:
+        return sel
+    layout = sel.layout
+    allowed = FP8_SOURCE_DTYPES if role == "source" else FP8_DESTINATION_DTYPES
+    if layout.dtype not in allowed:
+        raise ValueError(f"wire_dtype='fp8' needs a {role} cache of {', '.join(str(d).removeprefix('torch.') for d in allowed)}; "
+                         f"{layout.name} is {str(layout.dtype).removeprefix('torch.')}")
+    if layout.head_dim % 4:
+        raise ValueError(f"wire_dtype='fp8' needs head_dim divisible by 4 (aligned scales), {layout.name} has "
+                         f"{layout.head_dim}")
+    return dataclasses.replace(sel, wire_fp8=True)
 
 
 def block_ids_to_numpy(block_ids, name: str = "block_ids") -> np.ndarray:

@@ -9,6 +9,12 @@ A chunk is a 64-byte header followed by the payload::
                               for each head in the chunk's head range
                                 head_dim elements, in the cache dtype
 
+With ``wire_dtype="fp8"`` (flag FLAG_FP8_SCALED, dtype e4m3, element bytes 1) the payload is
+two regions: the rows above as e4m3 bytes (head_dim each), then one little-endian float32 scale
+per row in the same (layer, K/V, token, head) order. A row is quantized as
+``q = e4m3(clamp(x / s, -448, 448))`` with ``s = max|x| / 448`` (q = 0 where s = 0), and read
+back as ``x' = q * s``; the fingerprint words are those of an e4m3 cache of the same shape.
+
 The payload order is layer-major so one layer is one contiguous run (layer-wise transfers
 send a layer as soon as it is written) and token-granular so the receiver can use any block
 size: the sender's blocks are gone once packed.
@@ -40,7 +46,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvlink.layout import DTYPE_CODES, DTYPES_BY_CODE
+import torch
+
+from kvlink.layout import DTYPE_CODES, DTYPES_BY_CODE, layout_fingerprint
 from kvlink.selection import HEADER_BYTES, Selection
 
 MAGIC = b"KVLK"
@@ -52,6 +60,8 @@ assert _FORMAT.size == HEADER_BYTES
 HEADER_CHECK_MASK = 0xFFFF & ~((1 << 7) | (1 << 8) | (1 << 15))
 
 CHECKSUM_OFFSET = 60  # header word 15
+# Header flags (word 2, high half).
+FLAG_FP8_SCALED = 0x0001  # payload: e4m3 rows, then one float32 scale per row (see the module doc)
 
 # Unpack status codes written by the CUDA kernel (and raised as errors by check_status).
 STATUS_OK = 0
@@ -78,8 +88,12 @@ class ChunkHeader:
     @classmethod
     def for_selection(cls, sel: Selection) -> "ChunkHeader":
         layout = sel.layout
+        dtype, fingerprint, flags = layout.dtype, layout.fingerprint, 0
+        if sel.wire_fp8:  # the chunk's rows are e4m3 whatever the caches hold
+            dtype, flags = torch.float8_e4m3fn, FLAG_FP8_SCALED
+            fingerprint = layout_fingerprint(layout.num_layers, layout.num_kv, layout.head_dim, dtype)
         return cls(
-            dtype_code=DTYPE_CODES[layout.dtype],
+            dtype_code=DTYPE_CODES[dtype],
             num_kv=layout.num_kv,
             layer_start=sel.layer_start,
             layer_stop=sel.layer_stop,
@@ -88,9 +102,10 @@ class ChunkHeader:
             head_start=sel.head_start,
             head_stop=sel.head_stop,
             head_dim=layout.head_dim,
-            element_bytes=layout.element_size,
+            element_bytes=1 if sel.wire_fp8 else layout.element_size,
             payload_bytes=sel.payload_bytes,
-            fingerprint=bytes.fromhex(layout.fingerprint)[:8],
+            fingerprint=bytes.fromhex(fingerprint)[:8],
+            flags=flags,
         )
 
     def to_bytes(self) -> bytes:

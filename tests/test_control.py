@@ -35,7 +35,7 @@ def test_malformed_messages_are_refused(data, match):
 def test_int_lists_are_checked():
     message = control.decode(control.encode("PULL", xfer=1, request="r", src_blocks=[1, "2"], num_tokens=20,
                                             layers=[0, 2], heads=[0, 8, 9], chunks=[], layerwise=False,
-                                            counter=[0, 0], checksum=False))
+                                            counter=[0, 0], checksum=False, wire=""))
     with pytest.raises(ProtocolError, match="src_blocks must hold ints"):
         control.int_list(message, "src_blocks")
     with pytest.raises(ProtocolError, match="heads has 3 items, expected 2"):
