@@ -3,6 +3,11 @@
     python -m kvlink.bench                       # NCCL across two GPUs, or the host path on a CPU-only machine
     kvlink-bench --backend host --layers 4 --tokens 16 256 --iters 5
 
+With ``--prefill-tp``/``--decode-tp`` above 1 it runs that topology instead, one process per
+rank, against the homogeneous transfer of one link's share (:mod:`kvlink.bench_tp`).
+``--src-layout``, ``--dst-layout``, ``--dst-block-size`` and ``--wire-dtype fp8`` convert on
+the way.
+
 It starts the prefill and decode sides itself (one process each), sweeps request sizes, and
 for each size measures, in the same run:
 
@@ -53,6 +58,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="request sizes (default 16 128 512 1024 4096 / 16 256 2048)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--layout", default="vllm_flash_attn_nhd", help="preset of both caches (kvlink.presets.PRESETS)")
+    p.add_argument("--src-layout", default=None, help="the prefill cache's preset (default --layout)")
+    p.add_argument("--dst-layout", default=None, help="the decode cache's preset (default --layout)")
+    p.add_argument("--dst-block-size", type=int, default=None, help="the decode cache's tokens per block (default --block-size)")
+    p.add_argument("--wire-dtype", choices=("none", "fp8"), default="none",
+                   help="fp8: kvlink pulls quantize to e4m3 with a scale per token and head (lossy; checked "
+                        "against the reference conversion); needs --transport nccl on GPUs")
+    p.add_argument("--prefill-tp", type=int, default=1, help="prefill ranks (one process and GPU each)")
+    p.add_argument("--decode-tp", type=int, default=1, help="decode ranks (one process and GPU each)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--methods", default="kvlink,raw,naive", help="comma-separated subset of kvlink,raw,naive")
@@ -70,6 +83,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", default=None,
                    help="directory for torch.profiler traces (prefill.json, decode.json) of one pull of the largest size")
     args = p.parse_args(argv)
+    from kvlink import presets
+    args.src_layout = args.src_layout or args.layout
+    args.dst_layout = args.dst_layout or args.layout
+    args.dst_block_size = args.dst_block_size or args.block_size
+    for name in (args.src_layout, args.dst_layout):
+        if name not in presets.PRESETS:
+            p.error(f"unknown layout {name!r}; choose from {', '.join(presets.PRESETS)}")
+    if (args.src_layout in presets.MLA_PRESETS) != (args.dst_layout in presets.MLA_PRESETS):
+        p.error(f"--src-layout {args.src_layout} and --dst-layout {args.dst_layout}: MLA meets only MLA")
+    args.wire_dtype = None if args.wire_dtype == "none" else args.wire_dtype
+    for value, name in ((args.prefill_tp, "--prefill-tp"), (args.decode_tp, "--decode-tp"),
+                        (args.dst_block_size, "--dst-block-size")):
+        if value <= 0:
+            p.error(f"{name} must be positive, got {value}")
     # The W1 shape (DESIGN.md) on GPUs; a shape a small CPU-only machine moves in seconds on the host path.
     args.backend = pick_backend(args.backend)
     if args.backend == "host" and args.transport not in ("auto", "host"):
@@ -90,9 +117,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                         (args.block_size, "--block-size"), (args.num_blocks, "--num-blocks"), (args.iters, "--iters")):
         if value <= 0:
             p.error(f"{name} must be positive, got {value}")
-    if -(-max(args.tokens) // args.block_size) > args.num_blocks:
+    if args.src_layout in presets.MLA_PRESETS:
+        args.kv_heads = 1  # MLA's latent: --head-dim is its width
+    if args.wire_dtype and args.backend == "nccl" and args.transport in ("auto", "ipc"):
+        if args.transport == "ipc":
+            p.error("--wire-dtype fp8 needs a wire: --transport nccl (an ipc pull copies the cache's own bytes)")
+        args.kvlink_transport = "nccl"
+    if args.prefill_tp > 1 or args.decode_tp > 1:
+        from kvlink.resharding import plan_resharding
+        try:
+            plan_resharding(args.kv_heads, args.prefill_tp, args.decode_tp,
+                            mla=args.src_layout in presets.MLA_PRESETS)
+        except ValueError as exc:
+            p.error(str(exc))
+        if args.backend == "nccl" and torch.cuda.device_count() < args.prefill_tp + args.decode_tp:
+            p.error(f"--prefill-tp {args.prefill_tp} --decode-tp {args.decode_tp} needs "
+                    f"{args.prefill_tp + args.decode_tp} GPUs, {torch.cuda.device_count()} visible")
+    args.dst_num_blocks = args.num_blocks * args.block_size // args.dst_block_size
+    if -(-max(args.tokens) // args.block_size) > args.num_blocks or \
+            -(-max(args.tokens) // args.dst_block_size) > args.dst_num_blocks:
         p.error(f"--tokens {max(args.tokens)} needs more than --num-blocks {args.num_blocks} blocks")
-    if args.concurrent and -(-args.concurrent_tokens // args.block_size) * args.concurrent > args.num_blocks:
+    if args.concurrent and (-(-args.concurrent_tokens // args.block_size) * args.concurrent > args.num_blocks or
+                            -(-args.concurrent_tokens // args.dst_block_size) * args.concurrent > args.dst_num_blocks):
         p.error(f"{args.concurrent} x {args.concurrent_tokens} tokens need more than --num-blocks {args.num_blocks}")
     return args
 
@@ -104,20 +150,32 @@ def pick_backend(requested: str) -> str:
     return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= 2 and nccl.available() else "host"
 
 
-def shape_of(args) -> dict:
-    return dict(num_layers=args.layers, num_blocks=args.num_blocks, block_size=args.block_size,
-                num_heads=args.kv_heads, head_dim=args.head_dim, dtype=getattr(torch, args.dtype))
+def shape_of(args, side: str = "src", num_heads: int | None = None) -> dict:
+    """One side's cache shape: the source's block size and block count, or the destination's."""
+    return dict(num_layers=args.layers, num_blocks=args.num_blocks if side == "src" else args.dst_num_blocks,
+                block_size=args.block_size if side == "src" else args.dst_block_size,
+                num_heads=args.kv_heads if num_heads is None else num_heads, head_dim=args.head_dim,
+                dtype=getattr(torch, args.dtype))
 
 
-def build_cache(args, seed: int, device: str):
-    """The cache of one side, filled from ``seed`` so the other side can rebuild it for checking."""
+def build_cache(args, seed: int, device: str, side: str = "src", num_heads: int | None = None):
+    """The cache of one side, filled from ``seed`` so the other side can rebuild it for checking.
+
+    With fp8 on the wire the bytes are finite values (normal, per-row magnitudes spread over
+    2**-4..2**4), since e4m3 has no encoding for the NaN patterns random bytes hold.
+    """
     from kvlink import presets
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def fill(t: torch.Tensor) -> None:
-        t.view(torch.uint8).random_(0, 256, generator=gen)
+        if args.wire_dtype and t.dtype.is_floating_point:
+            t.copy_(torch.randn(t.shape, generator=gen, device=device).to(t.dtype) *
+                    torch.exp2(torch.randint(-4, 5, t.shape[:-1], generator=gen, device=device)).to(t.dtype)[..., None])
+        else:
+            t.view(torch.uint8).random_(0, 256, generator=gen)
 
-    return presets.allocate(args.layout, device=device, fill=fill, **shape_of(args))
+    preset = args.src_layout if side == "src" else args.dst_layout
+    return presets.allocate(preset, device=device, fill=fill, **shape_of(args, side, num_heads))
 
 
 def pattern(nbytes: int, seed: int, device: str) -> torch.Tensor:
@@ -298,15 +356,17 @@ def decode_main(args, backend: str, conn, results) -> None:
     recorder = Recorder(results)
     try:
         _, mirror = build_cache(args, args.seed, device)           # the prefill cache's bytes, for checking
-        dst_engine, layout = build_cache(args, args.seed + 1, device)
+        dst_engine, layout = build_cache(args, args.seed + 1, device, side="dst")
+        converted = None  # fp8 on the wire: what the reference conversion writes, to check kvlink against
+        if args.wire_dtype:
+            _, converted = build_cache(args, args.seed + 1, device, side="dst")
         rng = torch.Generator().manual_seed(args.seed + 2)
         kind, address = conn.recv()
         token_bytes = layout.bytes_per_token
 
         def blocks(num_tokens):
-            count = -(-num_tokens // layout.block_size)
-            return (torch.randperm(args.num_blocks, generator=rng)[:count],
-                    torch.randperm(args.num_blocks, generator=rng)[:count])
+            return (torch.randperm(args.num_blocks, generator=rng)[:-(-num_tokens // args.block_size)],
+                    torch.randperm(args.dst_num_blocks, generator=rng)[:-(-num_tokens // args.dst_block_size)])
 
         def packed(cache_layout, ids, num_tokens):
             chunk = torch.empty(kvlink.packed_nbytes(cache_layout, num_tokens), dtype=torch.uint8, device=device)
@@ -315,11 +375,18 @@ def decode_main(args, backend: str, conn, results) -> None:
 
         corrupt = [os.environ.get("KVLINK_BENCH_INJECT_CORRUPTION") == "1"]  # test hook: proves the check fails
 
-        def wrong_bytes(src_ids, dst_ids, num_tokens) -> int:
+        def wrong_bytes(src_ids, dst_ids, num_tokens, wire=None) -> int:
             if corrupt[0]:
                 corrupt[0] = False
                 layout.planes[0][int(dst_ids[0]), 0, 0].view(torch.uint8)[0] ^= 0xFF
-            got, want = packed(layout, dst_ids, num_tokens), packed(mirror, src_ids, num_tokens)
+            if wire:  # lossy: the reference conversion of the same blocks is what must have landed
+                chunk = torch.empty(kvlink.packed_nbytes(mirror, num_tokens, wire_dtype=wire), dtype=torch.uint8,
+                                    device=device)
+                kvlink.pack(mirror, src_ids, num_tokens, chunk, wire_dtype=wire)
+                kvlink.unpack(converted, dst_ids, num_tokens, chunk, wire_dtype=wire)
+                got, want = packed(layout, dst_ids, num_tokens), packed(converted, dst_ids, num_tokens)
+            else:
+                got, want = packed(layout, dst_ids, num_tokens), packed(mirror, src_ids, num_tokens)
             sync(device)
             return int((got != want).sum().item())
 
@@ -365,7 +432,11 @@ def decode_main(args, backend: str, conn, results) -> None:
                 t = statistics.median(times)
                 recorder.add(method="raw", tokens=num_tokens, bytes=nbytes, time_us=t * 1e6, GBps=nbytes / t / 1e9,
                              verified=wrong == 0, wrong_bytes=wrong)
-        if "naive" in args.methods:
+        same_layout = args.src_layout == args.dst_layout and args.block_size == args.dst_block_size
+        if "naive" in args.methods and not same_layout:
+            print("naive baseline skipped: it copies whole blocks, so it needs one layout and block size on both sides",
+                  file=sys.stderr, flush=True)
+        if "naive" in args.methods and same_layout:
             for num_tokens in args.tokens:
                 whole = -(-num_tokens // layout.block_size) * layout.block_size  # torch gathers whole blocks
                 lists = [blocks(num_tokens) for _ in range(args.warmup + args.iters)]
@@ -394,7 +465,8 @@ def decode_main(args, backend: str, conn, results) -> None:
         reserved_before = torch.cuda.memory_reserved(1) if backend == "nccl" else 0
         chunk_bytes = args.chunk_mb * MiB if args.chunk_mb else None
         endpoint = kvlink.Endpoint(layout, name="decode", listen=None, transport=args.kvlink_transport,
-                                   chunk_bytes=chunk_bytes, timeout=args.timeout, max_ctas=args.max_ctas)
+                                   chunk_bytes=chunk_bytes, timeout=args.timeout, max_ctas=args.max_ctas,
+                                   wire_dtype=args.wire_dtype)
         peer = endpoint.connect(address)
         transport = endpoint.links()[0]["transport"]
         print(f"kvlink link: transport {transport}", file=sys.stderr, flush=True)
@@ -419,11 +491,11 @@ def decode_main(args, backend: str, conn, results) -> None:
                             stages.append({f"host_{b}_us": (stamps[b] - stamps[a]) * 1e6 for a, b in zip(order, order[1:])})
                             stages[-1]["pull_wall_us"] = (stamps["recorded"] - stamps["called"]) * 1e6
                             stages[-1]["pull_cpu_us"] = handle.stats.pull_cpu_seconds * 1e6
-                    wrong += wrong_bytes(src, dst, num_tokens)
+                    wrong += wrong_bytes(src, dst, num_tokens, args.wire_dtype)
                 t = statistics.median(times)
                 recorder.add(method="kvlink", tokens=num_tokens, bytes=num_tokens * token_bytes, time_us=t * 1e6,
                              GBps=num_tokens * token_bytes / t / 1e9, verified=wrong == 0, wrong_bytes=wrong,
-                             transport=transport,
+                             transport=transport, wire_bytes=handle.stats.wire_bytes, wire_dtype=args.wire_dtype,
                              chunks=handle.stats.chunks, decode_enqueue_us=statistics.median(enqueue) * 1e6,
                              prefill_enqueue_us=statistics.median(sender_enqueue) * 1e6,
                              **{key: statistics.median(s.get(key, 0.0) for s in stages) for key in stages[0]} if stages else {})
@@ -449,16 +521,17 @@ def decode_main(args, backend: str, conn, results) -> None:
                 times, wrong = [], 0
                 for rep in range(max(2, args.iters // 4) + 1):
                     perm_src = torch.randperm(args.num_blocks, generator=rng)
-                    perm_dst = torch.randperm(args.num_blocks, generator=rng)
-                    per = -(-num_tokens // layout.block_size)
-                    reqs = [(perm_src[k * per:(k + 1) * per], perm_dst[k * per:(k + 1) * per]) for k in range(n)]
+                    perm_dst = torch.randperm(args.dst_num_blocks, generator=rng)
+                    per_src, per_dst = -(-num_tokens // args.block_size), -(-num_tokens // args.dst_block_size)
+                    reqs = [(perm_src[k * per_src:(k + 1) * per_src], perm_dst[k * per_dst:(k + 1) * per_dst])
+                            for k in range(n)]
                     t0 = time.perf_counter()
                     handles = [endpoint.pull(peer, f"c{rep}-{k}", s, d, num_tokens) for k, (s, d) in enumerate(reqs)]
                     for h in handles:
                         h.wait(args.timeout)
                     if rep > 0:
                         times.append(time.perf_counter() - t0)
-                    wrong += sum(wrong_bytes(s, d, num_tokens) for s, d in reqs)
+                    wrong += sum(wrong_bytes(s, d, num_tokens, args.wire_dtype) for s, d in reqs)
                 t = statistics.median(times)
                 total = n * num_tokens * token_bytes
                 recorder.add(method=f"kvlink x{n}", tokens=num_tokens, bytes=total, time_us=t * 1e6,
@@ -477,7 +550,7 @@ def decode_main(args, backend: str, conn, results) -> None:
                     done = time.perf_counter()
                     _, submitted = conn.recv()
                     tails.append(done - submitted[-1])
-                    wrong += wrong_bytes(src, dst, num_tokens)
+                    wrong += wrong_bytes(src, dst, num_tokens, args.wire_dtype)
                 t = statistics.median(tails)
                 recorder.add(method="kvlink layerwise", tokens=num_tokens, bytes=num_tokens * token_bytes,
                              time_us=t * 1e6, GBps=0.0, verified=wrong == 0, wrong_bytes=wrong,
@@ -564,6 +637,9 @@ def main(argv=None) -> int:
         print("--backend nccl needs two visible GPUs", file=sys.stderr)
         return 2
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if args.prefill_tp > 1 or args.decode_tp > 1:
+        from kvlink import bench_tp
+        return bench_tp.main(args)
     import importlib.util
     if importlib.util.find_spec("nixl") is not None:
         print("note: NIXL is installed, but kvlink-bench has no NIXL baseline yet (open work)", file=sys.stderr)
