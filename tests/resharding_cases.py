@@ -11,23 +11,12 @@ import contextlib
 import time
 
 import torch
-from peer_process import PrefillProcess
-from sharded_caches import (
-    make_truth,
-    other_blocks,
-    poisoned_cache,
-    rank_cache,
-    read_rows,
-    truth_rows,
-)
 
 import kvlink
-from kvlink.resharding import (
-    ReleaseTracker,
-    heads_of_rank,
-    plan_resharding,
-    pull_resharded,
-)
+from kvlink.resharding import ReleaseTracker, heads_of_rank, plan_resharding, pull_resharded
+from peer_process import PrefillProcess
+from sharded_caches import (converted_truth_rows, make_truth, other_blocks, poisoned_cache, rank_cache, read_rows,
+                            truth_rows)
 
 
 class _LocalPrefill:
@@ -52,7 +41,8 @@ def run_resharded(*, prefill_tp: int, decode_tp: int, num_kv_heads: int, seed: i
                   src_preset: str = "vllm_flash_attn_nhd", dst_preset: str = "flashinfer_hnd",
                   src_block_size: int = 16, dst_block_size: int = 16, mla: bool = False, layerwise: bool = False,
                   num_layers: int = 3, head_dim: int = 16, num_blocks: int = 24, requests: int = 3,
-                  prefill_devices=None, decode_devices=None, transport: str = "host", timeout: float = 10.0) -> dict:
+                  prefill_devices=None, decode_devices=None, transport: str = "host", timeout: float = 10.0,
+                  wire_dtype: str | None = None) -> dict:
     """Move ``requests`` random requests from every prefill rank to every decode rank and check them.
 
     Returns facts the caller may assert more on: the plan, and bytes pulled per decode rank.
@@ -61,7 +51,7 @@ def run_resharded(*, prefill_tp: int, decode_tp: int, num_kv_heads: int, seed: i
     heads = 1 if mla else num_kv_heads
     latent = head_dim
     truth_shape = dict(num_layers=num_layers, num_kv=1 if mla else 2, num_blocks=num_blocks,
-                       block_size=src_block_size, num_heads=heads, head_dim=latent)
+                       block_size=src_block_size, num_heads=heads, head_dim=latent, finite=wire_dtype is not None)
     truth = make_truth(seed, **truth_shape)
     generator = torch.Generator().manual_seed(seed + 1)
     facts = {"plan": plan, "pulled_bytes": [0] * decode_tp}
@@ -87,7 +77,8 @@ def run_resharded(*, prefill_tp: int, decode_tp: int, num_kv_heads: int, seed: i
                                             block_size=dst_block_size, num_heads=stop - first, head_dim=latent,
                                             device=device, seed=seed + 10 + rank)
             endpoint = stack.enter_context(kvlink.Endpoint(layout, name=f"decode-{rank}", listen=None,
-                                                           timeout=timeout, transport=transport, max_links=16))
+                                                           timeout=timeout, transport=transport, max_links=16,
+                                                           wire_dtype=wire_dtype))
             peers = [endpoint.connect(p.address) for p in prefills]
             decodes.append((endpoint, peers, engine, layout, (first, stop)))
 
@@ -115,12 +106,15 @@ def run_resharded(*, prefill_tp: int, decode_tp: int, num_kv_heads: int, seed: i
                 assert pull.dst_state == "complete"
                 assert len(pull.handles) == len(plan.pulls_of(rank))
                 got = read_rows(dst_preset, engine, layout, dst, num_tokens)
-                want = truth_rows(truth, src, num_tokens, dst_heads)
+                want = truth_rows(truth, src, num_tokens, dst_heads) if wire_dtype is None else \
+                    converted_truth_rows(truth, src, num_tokens, dst_heads, layout.dtype)
                 assert torch.equal(got, want), f"decode rank {rank}: request {request} differs from the truth"
                 assert torch.equal(other_blocks(dst_preset, engine, layout, dst), before[rank]), \
                     f"decode rank {rank}: bytes outside the request's blocks changed"
                 # each head came once: no duplicate senders
                 assert pull.payload_bytes == num_tokens * layout.bytes_per_token
+                if wire_dtype is not None:
+                    assert all(h.stats.wire_bytes < h.stats.payload_bytes for h in pull.handles)
                 facts["pulled_bytes"][rank] += pull.payload_bytes
 
         # every prefill rank hears of every request from each decode rank the plan says contacts it

@@ -8,14 +8,22 @@ rank's cache holds the truth's heads for that rank, written through the engine's
 from __future__ import annotations
 
 import torch
-from engine_access import as_bytes, engine_index, random_fill
 
+from engine_access import as_bytes, engine_index, random_fill
 from kvlink import presets
 
 
 def make_truth(seed: int, *, num_layers: int, num_kv: int, num_blocks: int, block_size: int, num_heads: int,
-               head_dim: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Random bytes viewed as ``dtype``, shape ``[L, kv, B, N, H, D]`` (NaN patterns included: compare bytes)."""
+               head_dim: int, dtype: torch.dtype = torch.bfloat16, finite: bool = False) -> torch.Tensor:
+    """Random bytes viewed as ``dtype``, shape ``[L, kv, B, N, H, D]`` (NaN patterns included: compare bytes).
+
+    ``finite``: normal values instead (fp8 on the wire has no encoding for NaN).
+    """
+    if finite:
+        generator = torch.Generator().manual_seed(seed)
+        shape = (num_layers, num_kv, num_blocks, block_size, num_heads, head_dim)
+        return (torch.randn(shape, generator=generator) *
+                torch.exp2(torch.randint(-4, 5, shape[:-1], generator=generator).float())[..., None]).to(dtype)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     shape = (num_layers, num_kv, num_blocks, block_size, num_heads, head_dim * itemsize)
     raw = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
@@ -80,3 +88,15 @@ def other_blocks(preset: str, engine, layout, block_ids) -> torch.Tensor:
     """Bytes of every block not in ``block_ids`` (all their tokens): what must not change."""
     keep = sorted(set(range(layout.num_blocks)) - {int(b) for b in block_ids})
     return read_rows(preset, engine, layout, keep, len(keep) * layout.block_size)
+
+
+def converted_truth_rows(truth: torch.Tensor, block_ids, num_tokens: int, heads: tuple[int, int],
+                         dtype: torch.dtype) -> torch.Tensor:
+    """What fp8 on the wire must land for those rows: the reference quantize -> dequantize, as bytes."""
+    from kvlink.reference import dequantize_rows, quantize_rows
+
+    ids = torch.as_tensor(block_ids)
+    block_size = truth.shape[3]
+    t = torch.arange(num_tokens)
+    rows = truth[:, :, ids[t // block_size], t % block_size, heads[0]:heads[1]]
+    return as_bytes(dequantize_rows(*quantize_rows(rows), dtype))

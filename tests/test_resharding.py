@@ -1,15 +1,10 @@
 """Tensor-parallel resharding: the plan, and byte-exact transfers between p prefill and d decode ranks (host transport)."""
 
 import pytest
-from resharding_cases import run_resharded
 
 import kvlink
-from kvlink.resharding import (
-    ReleaseTracker,
-    heads_of_rank,
-    plan_resharding,
-    pull_resharded,
-)
+from kvlink.resharding import ReleaseTracker, heads_of_rank, plan_resharding, pull_resharded
+from resharding_cases import run_resharded
 
 TP_PAIRS = [(1, 2), (2, 1), (2, 4), (4, 2), (1, 4), (4, 1), (8, 2)]
 
@@ -152,4 +147,10 @@ def test_every_pair_of_engine_layouts_over_the_wire(src_preset, dst_preset, gene
     mla = src_preset in kvlink.presets.MLA_PRESETS
     run_resharded(prefill_tp=1, decode_tp=1, num_kv_heads=1 if mla else 4, mla=mla, head_dim=72 if mla else 16,
                   src_preset=src_preset, dst_preset=dst_preset, dst_block_size=dst_block_size, requests=2,
+                  seed=int(generator.initial_seed()))
+
+
+@pytest.mark.parametrize("prefill_tp,decode_tp", [(2, 1), (1, 2)])
+def test_fp8_on_the_wire_with_resharding_lands_the_reference_conversion(prefill_tp, decode_tp, generator):
+    run_resharded(prefill_tp=prefill_tp, decode_tp=decode_tp, num_kv_heads=8, wire_dtype="fp8",
                   seed=int(generator.initial_seed()))
