@@ -380,6 +380,118 @@ __global__ void __launch_bounds__(THREADS) kvlink_unpack_fp8(
     }
 }
 
+// Vectorized forms for the common shapes: each lane moves 16 bytes of the cache (8 bf16/fp16
+// elements, 4 fp32, or 16 e4m3), a row takes LANES = head_dim / ELEMS lanes (a power of two <= 32,
+// so a row's max is a shuffle within its lane group), and each thread keeps ROWS rows' loads in
+// flight before any arithmetic, like the plain kernels' UNROLL. The host picks these when head_dim,
+// the cache's alignment and the chunk's allow 16-byte accesses (kvlink/kernels.py:_fp8_vectorized).
+constexpr int FP8_ROWS = 4;
+
+template <int ELEMS> struct Fp8Bytes;  // the e4m3 bytes of one lane's elements
+template <> struct Fp8Bytes<4> { typedef unsigned int T; };
+template <> struct Fp8Bytes<8> { typedef uint2 T; };
+template <> struct Fp8Bytes<16> { typedef uint4 T; };
+
+template <int SRC, int LANES>
+__global__ void __launch_bounds__(THREADS) kvlink_pack_fp8_vec(
+    const unsigned char* __restrict__ meta, const u64* __restrict__ plane_ptrs, unsigned char* __restrict__ chunk) {
+    constexpr int ELEMS = 16 / Elem<SRC>::BYTES;
+    constexpr int SLOTS = THREADS / LANES;  // rows a thread block handles side by side
+    typedef typename Fp8Bytes<ELEMS>::T Q;
+    const Geometry g = *reinterpret_cast<const Geometry*>(meta);
+    const int* block_ids = reinterpret_cast<const int*>(meta + META_BLOCK_IDS_OFFSET);
+    write_header(chunk, meta + META_HEADER_OFFSET);
+    unsigned char* values = chunk + HEADER_BYTES;
+    float* scales = reinterpret_cast<float*>(values + (u64)g.num_planes * g.plane_bytes);
+    const u32 slot = threadIdx.x / LANES, part = threadIdx.x % LANES;
+    for (u32 first = blockIdx.x * (SLOTS * FP8_ROWS); first < g.num_tiles; first += gridDim.x * (SLOTS * FP8_ROWS)) {
+        uint4 raw[FP8_ROWS];
+#pragma unroll
+        for (int u = 0; u < FP8_ROWS; ++u) {
+            const u32 row = first + u * SLOTS + slot;
+            if (row < g.num_tiles) {
+                const u32 p = fast_div(row, g.tpp_mul, g.tpp_shift);
+                raw[u] = load(reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(plane_ptrs[p])
+                              + cache_offset(g, block_ids, row - p * g.tiles_per_plane, 0)) + part);
+            } else {
+                raw[u] = make_uint4(0, 0, 0, 0);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < FP8_ROWS; ++u) {
+            const unsigned char* bytes = reinterpret_cast<const unsigned char*>(&raw[u]);
+            float x[ELEMS];
+            float amax = 0.0f;
+#pragma unroll
+            for (int e = 0; e < ELEMS; ++e) {
+                x[e] = Elem<SRC>::load(bytes + e * Elem<SRC>::BYTES);
+                amax = fmaxf(amax, fabsf(x[e]));
+            }
+#pragma unroll
+            for (int offset = LANES / 2; offset > 0; offset >>= 1)
+                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+            const u32 row = first + u * SLOTS + slot;
+            if (row >= g.num_tiles) continue;
+            const float scale = __fdiv_rn(amax, FP8_MAX);
+            Q q;
+            unsigned char* out = reinterpret_cast<unsigned char*>(&q);
+#pragma unroll
+            for (int e = 0; e < ELEMS; ++e)
+                out[e] = float_to_e4m3(scale > 0.0f ? fminf(fmaxf(__fdiv_rn(x[e], scale), -FP8_MAX), FP8_MAX) : 0.0f);
+            store(reinterpret_cast<Q*>(values + (u64)row * g.head_dim) + part, q);
+            if (part == 0) scales[row] = scale;
+        }
+    }
+}
+
+template <int DST, int LANES>
+__global__ void __launch_bounds__(THREADS) kvlink_unpack_fp8_vec(
+    const unsigned char* __restrict__ meta, const u64* __restrict__ plane_ptrs,
+    const unsigned char* __restrict__ chunk, int* __restrict__ status) {
+    constexpr int ELEMS = 16 / Elem<DST>::BYTES;
+    constexpr int SLOTS = THREADS / LANES;
+    typedef typename Fp8Bytes<ELEMS>::T Q;
+    const Geometry g = *reinterpret_cast<const Geometry*>(meta);
+    const int* block_ids = reinterpret_cast<const int*>(meta + META_BLOCK_IDS_OFFSET);
+    const unsigned char* expected_header = meta + META_HEADER_OFFSET;
+    int mismatch = 0;
+    if (threadIdx.x < HEADER_BYTES && ((g.check_mask >> (threadIdx.x / 4)) & 1u))
+        mismatch = chunk[threadIdx.x] != expected_header[threadIdx.x];
+    const int refused = __syncthreads_or(mismatch);
+    if (threadIdx.x == 0 && (refused || (g.status_overwrite && blockIdx.x == 0))) atomicExch(status, refused);
+    if (refused) return;
+    const unsigned char* values = chunk + HEADER_BYTES;
+    const float* scales = reinterpret_cast<const float*>(values + (u64)g.num_planes * g.plane_bytes);
+    const float cache_scale = __uint_as_float(g.cache_scale_bits);
+    const u32 slot = threadIdx.x / LANES, part = threadIdx.x % LANES;
+    for (u32 first = blockIdx.x * (SLOTS * FP8_ROWS); first < g.num_tiles; first += gridDim.x * (SLOTS * FP8_ROWS)) {
+        Q q[FP8_ROWS];
+        float scale[FP8_ROWS];
+#pragma unroll
+        for (int u = 0; u < FP8_ROWS; ++u) {
+            const u32 row = first + u * SLOTS + slot;
+            if (row < g.num_tiles) {
+                q[u] = load(reinterpret_cast<const Q*>(values + (u64)row * g.head_dim) + part);
+                scale[u] = scales[row];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < FP8_ROWS; ++u) {
+            const u32 row = first + u * SLOTS + slot;
+            if (row >= g.num_tiles) continue;
+            const u32 p = fast_div(row, g.tpp_mul, g.tpp_shift);
+            uint4 out;
+            unsigned char* bytes = reinterpret_cast<unsigned char*>(&out);
+            const unsigned char* in = reinterpret_cast<const unsigned char*>(&q[u]);
+#pragma unroll
+            for (int e = 0; e < ELEMS; ++e)
+                Elem<DST>::store(bytes + e * Elem<DST>::BYTES, __fmul_rn(e4m3_to_float(in[e]), scale[u]), cache_scale);
+            store(reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(plane_ptrs[p])
+                  + cache_offset(g, block_ids, row - p * g.tiles_per_plane, 0)) + part, out);
+        }
+    }
+}
+
 #ifdef KVLINK_INSTANTIATE_ALL
 // For offline compile checks (nvcc -cubin); at run time NVRTC instantiates through name expressions.
 #define KVLINK_INSTANTIATE(VEC)                                                                      \
@@ -399,4 +511,18 @@ template __global__ void kvlink_unpack_fp8<1>(const unsigned char*, const u64*, 
 template __global__ void kvlink_unpack_fp8<2>(const unsigned char*, const u64*, const unsigned char*, int*);
 template __global__ void kvlink_unpack_fp8<3>(const unsigned char*, const u64*, const unsigned char*, int*);
 template __global__ void kvlink_unpack_fp8<5>(const unsigned char*, const u64*, const unsigned char*, int*);
+#define KVLINK_INSTANTIATE_FP8_VEC(LANES)                                                                  \
+    template __global__ void kvlink_pack_fp8_vec<1, LANES>(const unsigned char*, const u64*, unsigned char*); \
+    template __global__ void kvlink_pack_fp8_vec<2, LANES>(const unsigned char*, const u64*, unsigned char*); \
+    template __global__ void kvlink_pack_fp8_vec<3, LANES>(const unsigned char*, const u64*, unsigned char*); \
+    template __global__ void kvlink_unpack_fp8_vec<1, LANES>(const unsigned char*, const u64*, const unsigned char*, int*); \
+    template __global__ void kvlink_unpack_fp8_vec<2, LANES>(const unsigned char*, const u64*, const unsigned char*, int*); \
+    template __global__ void kvlink_unpack_fp8_vec<3, LANES>(const unsigned char*, const u64*, const unsigned char*, int*); \
+    template __global__ void kvlink_unpack_fp8_vec<5, LANES>(const unsigned char*, const u64*, const unsigned char*, int*);
+KVLINK_INSTANTIATE_FP8_VEC(1)
+KVLINK_INSTANTIATE_FP8_VEC(2)
+KVLINK_INSTANTIATE_FP8_VEC(4)
+KVLINK_INSTANTIATE_FP8_VEC(8)
+KVLINK_INSTANTIATE_FP8_VEC(16)
+KVLINK_INSTANTIATE_FP8_VEC(32)
 #endif

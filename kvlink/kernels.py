@@ -37,6 +37,11 @@ KERNEL_KINDS = ("pack", "unpack", "copy", "copy_inline")
 # fp8 wire kernels, instantiated per element type (kvlink.layout.DTYPE_CODES) instead of vector width
 FP8_KERNELS = {"pack_fp8": (1, 2, 3), "unpack_fp8": (1, 2, 3, 5)}
 WARPS = THREADS // 32  # fp8 kernels: one warp per row
+# vectorized fp8 kernels: <element type, lanes per row>, 16 bytes of the cache per lane, 4 rows per thread
+FP8_VEC_LANES = (1, 2, 4, 8, 16, 32)
+FP8_ROWS = 4
+FP8_VEC_KERNELS = {f"{kind}_vec": [f"{code}, {lanes}" for code in codes for lanes in FP8_VEC_LANES]
+                   for kind, codes in FP8_KERNELS.items()}
 META_HEADER_OFFSET = 128
 META_BLOCK_IDS_OFFSET = 192
 SOURCE_NAME = "pack_unpack.cu"
@@ -106,6 +111,7 @@ def _module(device_index: int):
 
     names = [f"kvlink_{kind}<{vec}>" for kind in KERNEL_KINDS for vec in VEC_WIDTHS]
     names += [f"kvlink_{kind}<{code}>" for kind, codes in FP8_KERNELS.items() for code in codes]
+    names += [f"kvlink_{kind}<{args}>" for kind, arg_list in FP8_VEC_KERNELS.items() for args in arg_list]
     with cupy.cuda.Device(device_index):
         # CuPy picks the device's architecture itself.
         module = cupy.RawModule(code=kernel_source(), options=EXTRA_OPTIONS, name_expressions=names)
@@ -251,6 +257,17 @@ def _fp8_geometry(sel: Selection, status_overwrite: bool, cache_scale: float) ->
     return GEOMETRY_STRUCT.pack(*record), num_rows
 
 
+def _fp8_vectorized(sel: Selection, chunk_ptr: int) -> int | None:
+    """Lanes per row for the vectorized fp8 kernels (16-byte accesses), or None where they do not apply."""
+    layout = sel.layout
+    elems = 16 // layout.element_size
+    lanes = layout.head_dim // elems
+    if layout.head_dim % elems or lanes not in FP8_VEC_LANES or chunk_ptr % 16 or \
+            _layout_facts(layout)["alignment"] % 16:
+        return None
+    return lanes
+
+
 def _geometry(sel: Selection, chunk_ptr: int, status_overwrite: bool) -> tuple[bytes, int, int]:
     """The Geometry record's bytes, the vector width and the number of tiles for a pack/unpack launch."""
     vec, row_bytes, heads_per_token = _row_split((sel,), math.gcd(chunk_ptr + 64, sel.plane_bytes))
@@ -382,6 +399,9 @@ def prepare(layout, stream: torch.cuda.Stream) -> None:
     for kind, codes in FP8_KERNELS.items():
         for code in codes:
             _kernel(device_index, kind, code)
+    for kind, arg_list in FP8_VEC_KERNELS.items():
+        for args in arg_list:
+            _kernel(device_index, kind, args)
     _plane_table(layout)
     key = (device_index, stream.cuda_stream)
     if key not in _RINGS:
@@ -400,8 +420,13 @@ def launch(kind: str, sel: Selection, chunk: torch.Tensor, stream: torch.cuda.St
     own_status = kind == "unpack" and status is None
     if sel.wire_fp8:
         geometry, num_rows = _fp8_geometry(sel, own_status, cache_scale)
-        vec = DTYPE_CODES[sel.layout.dtype]  # the template argument: the cache's element type
-        kind, num_tiles = f"{kind}_fp8", -(-num_rows // WARPS)
+        lanes = _fp8_vectorized(sel, chunk.data_ptr())
+        if lanes:  # template arguments: the cache's element type, lanes per row
+            vec = f"{DTYPE_CODES[sel.layout.dtype]}, {lanes}"
+            kind, num_tiles = f"{kind}_fp8_vec", -(-num_rows // (THREADS // lanes * FP8_ROWS))
+        else:  # the template argument: the cache's element type
+            vec = DTYPE_CODES[sel.layout.dtype]
+            kind, num_tiles = f"{kind}_fp8", -(-num_rows // WARPS)
     else:
         geometry, vec, num_tiles = _geometry(sel, chunk.data_ptr(), own_status)
     with _on_device(device_index):

@@ -179,10 +179,25 @@ def test_an_fp8_decode_endpoint_does_not_offer_ipc_and_says_so():
 
 
 # ---------------------------------------------------------------------------------- GPU kernels
+def test_vectorized_fp8_kernels_are_picked_for_aligned_power_of_two_rows():
+    from kvlink import kernels
+    from kvlink.selection import select, with_wire
+
+    for head_dim, dtype, lanes in ((128, torch.bfloat16, 16), (128, torch.float32, 32), (64, torch.float16, 8),
+                                   (128, torch.float8_e4m3fn, 8), (576, torch.bfloat16, None), (24, torch.bfloat16, None)):
+        _, layout = presets.allocate("vllm_flash_attn_nhd", num_layers=1, num_blocks=2, block_size=4, num_heads=2,
+                                     head_dim=head_dim, dtype=dtype)
+        role = "destination" if dtype == torch.float8_e4m3fn else "source"
+        sel = with_wire(select(layout, [0], 4), "fp8", role=role)
+        assert kernels._fp8_vectorized(sel, 4096) == lanes, (head_dim, dtype)
+        assert kernels._fp8_vectorized(sel, 4100) is None  # a chunk off 16-byte alignment
+
+
 @requires_gpu
+@pytest.mark.parametrize("path", ["vectorized", "generic"])
 @pytest.mark.parametrize("src_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("dst_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn])
-def test_fp8_kernels_match_the_reference_bit_for_bit(src_dtype, dst_dtype, generator):
+def test_fp8_kernels_match_the_reference_bit_for_bit(src_dtype, dst_dtype, path, generator):
     shape = dict(num_layers=3, num_blocks=300, block_size=16, num_heads=8, head_dim=128)
     _, src = presets.allocate("vllm_flash_attn_nhd", dtype=src_dtype, device="cuda", fill=finite_fill(generator),
                               **shape)
@@ -190,9 +205,10 @@ def test_fp8_kernels_match_the_reference_bit_for_bit(src_dtype, dst_dtype, gener
     src_ids = torch.randperm(300, generator=generator)[:250].tolist()
     dst_ids = torch.randperm(600, generator=generator)[:500].tolist()
     size = kvlink.packed_nbytes(src, num_tokens, wire_dtype="fp8")
+    offset = 0 if path == "vectorized" else 4  # a chunk off 16-byte alignment takes the generic kernels
     chunks = {}
     for backend in ("cuda", "torch"):
-        chunk = torch.full((size,), 0xAB, dtype=torch.uint8, device="cuda")
+        chunk = torch.full((size + 16,), 0xAB, dtype=torch.uint8, device="cuda")[offset: offset + size]
         kvlink.pack(src, src_ids, num_tokens, chunk, wire_dtype="fp8", backend=backend)
         chunks[backend] = chunk
     torch.cuda.synchronize()
