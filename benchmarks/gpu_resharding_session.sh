@@ -26,7 +26,7 @@ run_tests() {  # name, then pytest arguments
 }
 for t in ${KVLINK_TESTS-fp8 resharding kernels transfers}; do
   case $t in
-    fp8) run_tests fp8 tests/test_fp8_wire.py ;;
+    fp8) run_tests fp8 tests/test_fp8_wire.py; grep -E "^(FAILED|E  )" "$out/tests_fp8.log" | head -n 20 ;;
     resharding) run_tests resharding tests/test_resharding_gpu.py ;;
     kernels) run_tests kernels tests/test_gpu_kernels.py tests/test_kernel_model.py ;;
     transfers) run_tests transfers tests/test_transfer_ipc.py tests/test_transfer_nccl.py ;;
@@ -60,4 +60,5 @@ for path in sorted(glob.glob(os.path.join(out, "bench-*.json"))):
         print(f"{run:<18} {r['method']:<12} {r['tokens']:>6} {r['time_us']:>10.1f} {r['GBps']:>8.2f} "
               f"{r.get('link_GBps', r['GBps']):>9.2f} {wire / 2**20:>9.1f} {r['wrong_bytes']:>6}")
 PY
+tar -czf "$out/logs.tgz" -C "$out" --exclude logs.tgz . && find "$out" -type f ! -name logs.tgz ! -name device.txt -delete
 exit $status

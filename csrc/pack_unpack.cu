@@ -49,7 +49,7 @@ struct Geometry {
     u32 status_overwrite;  // unpack: 1 = the status word is this launch's own (write 0 or 1),
                            // 0 = the caller's, shared by several chunks (only ever set it to 1)
     u32 head_dim;          // fp8 wire: elements per row
-    u32 cache_scale_bits;  // fp8 wire, unpack into an e4m3 cache: its per-tensor scale (float bits)
+    u32 inv_cache_scale_bits;  // fp8 wire, unpack into an e4m3 cache: 1 / its per-tensor scale (float bits)
 };
 
 // Byte offset inside a plane of vector j of the selected box. INLINE: the block ids live in the
@@ -238,8 +238,9 @@ __global__ void __launch_bounds__(THREADS) kvlink_copy_inline(const __grid_const
 // ---------------------------------------------------------------------------------- fp8 on the wire
 // Rows travel as e4m3 with one float32 scale per (plane, token, head) row: the chunk's payload is
 // [rows of head_dim e4m3 bytes][one float per row] (kvlink/wire.py). One warp per row: the row's
-// max |x| gives its scale s = max / 448, then q = e4m3(clamp(x / s, -448, 448)). Unpack writes
-// q * s in the cache's dtype, or for an e4m3 cache e4m3(clamp(q * s / cache_scale)).
+// max |x| gives its scale s = max / 448 and its multiplier m = 448 / max (one division a row, not
+// one an element), then q = e4m3(clamp(x * m, -448, 448)). Unpack writes q * s in the cache's
+// dtype, or for an e4m3 cache e4m3(clamp(q * s * inv_cache_scale)).
 //
 // The conversions are written out (NVRTC needs no headers) and follow torch's own (c10 Float8_e4m3fn,
 // BFloat16, IEEE half), all round-to-nearest-even, so kernel and reference (kvlink/reference.py)
@@ -282,6 +283,17 @@ __device__ __forceinline__ unsigned char float_to_e4m3(float f) {
     }
     return result | (unsigned char)(sign >> 24);
 }
+// Two at once: the hardware conversion where there is one (sm_89+: round to nearest even, saturating,
+// which the callers' clamp makes equal to the above), else the software one.
+__device__ __forceinline__ unsigned short float2_to_e4m3x2(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    unsigned short r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    return (unsigned short)(float_to_e4m3(lo) | ((unsigned short)float_to_e4m3(hi) << 8));
+#endif
+}
 __device__ __forceinline__ float e4m3_to_float(unsigned char q) {
     const u32 sign = (u32)(q & 0x80u) << 24;
     const u32 e = (q >> 3) & 0xFu, m = q & 7u;
@@ -317,8 +329,8 @@ template <> struct Elem<3> {
 template <> struct Elem<5> {
     static constexpr int BYTES = 1;
     static __device__ __forceinline__ float load(const unsigned char* p) { return e4m3_to_float(*p); }
-    static __device__ __forceinline__ void store(unsigned char* p, float v, float cache_scale) {
-        *p = float_to_e4m3(fminf(fmaxf(__fdiv_rn(v, cache_scale), -FP8_MAX), FP8_MAX));
+    static __device__ __forceinline__ void store(unsigned char* p, float v, float inv_cache_scale) {
+        *p = float_to_e4m3(fminf(fmaxf(__fmul_rn(v, inv_cache_scale), -FP8_MAX), FP8_MAX));
     }
 };
 
@@ -342,11 +354,12 @@ __global__ void __launch_bounds__(THREADS) kvlink_pack_fp8(
 #pragma unroll
         for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
         const float scale = __fdiv_rn(amax, FP8_MAX);
+        const float multiplier = amax > 0.0f ? __fdiv_rn(FP8_MAX, amax) : 0.0f;
         unsigned char* out = values + (u64)row * g.head_dim;
         // NOTE: the second read of the row hits L1; keeping it in registers would bound head_dim.
         for (u32 e = lane; e < g.head_dim; e += 32) {
             const float x = Elem<SRC>::load(src + e * Elem<SRC>::BYTES);
-            out[e] = float_to_e4m3(scale > 0.0f ? fminf(fmaxf(__fdiv_rn(x, scale), -FP8_MAX), FP8_MAX) : 0.0f);
+            out[e] = float_to_e4m3(fminf(fmaxf(__fmul_rn(x, multiplier), -FP8_MAX), FP8_MAX));
         }
         if (lane == 0) scales[row] = scale;
     }
@@ -367,7 +380,7 @@ __global__ void __launch_bounds__(THREADS) kvlink_unpack_fp8(
     if (refused) return;
     const unsigned char* values = chunk + HEADER_BYTES;
     const float* scales = reinterpret_cast<const float*>(values + (u64)g.num_planes * g.plane_bytes);
-    const float cache_scale = __uint_as_float(g.cache_scale_bits);
+    const float inv_cache_scale = __uint_as_float(g.inv_cache_scale_bits);
     const u32 lane = threadIdx.x & 31u;
     for (u32 row = blockIdx.x * WARPS + threadIdx.x / 32; row < g.num_tiles; row += gridDim.x * WARPS) {
         const u32 p = fast_div(row, g.tpp_mul, g.tpp_shift);
@@ -376,7 +389,7 @@ __global__ void __launch_bounds__(THREADS) kvlink_unpack_fp8(
         const float scale = scales[row];
         const unsigned char* in = values + (u64)row * g.head_dim;
         for (u32 e = lane; e < g.head_dim; e += 32)
-            Elem<DST>::store(dst + e * Elem<DST>::BYTES, __fmul_rn(e4m3_to_float(in[e]), scale), cache_scale);
+            Elem<DST>::store(dst + e * Elem<DST>::BYTES, __fmul_rn(e4m3_to_float(in[e]), scale), inv_cache_scale);
     }
 }
 
@@ -432,14 +445,15 @@ __global__ void __launch_bounds__(THREADS) kvlink_pack_fp8_vec(
                 amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
             const u32 row = first + u * SLOTS + slot;
             if (row >= g.num_tiles) continue;
-            const float scale = __fdiv_rn(amax, FP8_MAX);
+            const float multiplier = amax > 0.0f ? __fdiv_rn(FP8_MAX, amax) : 0.0f;
             Q q;
-            unsigned char* out = reinterpret_cast<unsigned char*>(&q);
+            unsigned short* out = reinterpret_cast<unsigned short*>(&q);
 #pragma unroll
-            for (int e = 0; e < ELEMS; ++e)
-                out[e] = float_to_e4m3(scale > 0.0f ? fminf(fmaxf(__fdiv_rn(x[e], scale), -FP8_MAX), FP8_MAX) : 0.0f);
+            for (int e = 0; e < ELEMS; e += 2)
+                out[e / 2] = float2_to_e4m3x2(fminf(fmaxf(__fmul_rn(x[e], multiplier), -FP8_MAX), FP8_MAX),
+                                              fminf(fmaxf(__fmul_rn(x[e + 1], multiplier), -FP8_MAX), FP8_MAX));
             store(reinterpret_cast<Q*>(values + (u64)row * g.head_dim) + part, q);
-            if (part == 0) scales[row] = scale;
+            if (part == 0) scales[row] = __fdiv_rn(amax, FP8_MAX);
         }
     }
 }
@@ -462,7 +476,7 @@ __global__ void __launch_bounds__(THREADS) kvlink_unpack_fp8_vec(
     if (refused) return;
     const unsigned char* values = chunk + HEADER_BYTES;
     const float* scales = reinterpret_cast<const float*>(values + (u64)g.num_planes * g.plane_bytes);
-    const float cache_scale = __uint_as_float(g.cache_scale_bits);
+    const float inv_cache_scale = __uint_as_float(g.inv_cache_scale_bits);
     const u32 slot = threadIdx.x / LANES, part = threadIdx.x % LANES;
     for (u32 first = blockIdx.x * (SLOTS * FP8_ROWS); first < g.num_tiles; first += gridDim.x * (SLOTS * FP8_ROWS)) {
         Q q[FP8_ROWS];
@@ -485,7 +499,7 @@ __global__ void __launch_bounds__(THREADS) kvlink_unpack_fp8_vec(
             const unsigned char* in = reinterpret_cast<const unsigned char*>(&q[u]);
 #pragma unroll
             for (int e = 0; e < ELEMS; ++e)
-                Elem<DST>::store(bytes + e * Elem<DST>::BYTES, __fmul_rn(e4m3_to_float(in[e]), scale[u]), cache_scale);
+                Elem<DST>::store(bytes + e * Elem<DST>::BYTES, __fmul_rn(e4m3_to_float(in[e]), scale[u]), inv_cache_scale);
             store(reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(plane_ptrs[p])
                   + cache_offset(g, block_ids, row - p * g.tiles_per_plane, 0)) + part, out);
         }

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from kvlink.layout import DTYPE_CODES
+from kvlink.reference import inverse_cache_scale
 from kvlink.selection import Selection
 from kvlink.wire import HEADER_CHECK_MASK
 
@@ -55,7 +56,7 @@ GEOMETRY_DTYPE = np.dtype([
     ("tokens_per_block", "<u4"), ("tpb_mul", "<u4"), ("tpb_shift", "<u4"),
     ("token_start", "<u4"), ("head_start", "<u4"), ("check_mask", "<u4"),
     ("tiles_per_plane", "<u4"), ("tpp_mul", "<u4"), ("tpp_shift", "<u4"), ("num_tiles", "<u4"),
-    ("status_overwrite", "<u4"), ("head_dim", "<u4"), ("cache_scale_bits", "<u4"),
+    ("status_overwrite", "<u4"), ("head_dim", "<u4"), ("inv_cache_scale_bits", "<u4"),
 ])
 assert GEOMETRY_DTYPE.itemsize <= META_HEADER_OFFSET
 # kvlink_copy_inline's by-value parameter (struct CopyParams): plane tables, record offsets, records.
@@ -252,7 +253,7 @@ def _fp8_geometry(sel: Selection, status_overwrite: bool, cache_scale: float) ->
         layout.block_size, *fast_divisor(layout.block_size),
         sel.token_start, sel.head_start, HEADER_CHECK_MASK,
         rows_per_plane, *fast_divisor(rows_per_plane), num_rows, int(status_overwrite), layout.head_dim,
-        struct.unpack("<I", struct.pack("<f", cache_scale))[0],
+        struct.unpack("<I", struct.pack("<f", inverse_cache_scale(cache_scale)))[0],
     )
     return GEOMETRY_STRUCT.pack(*record), num_rows
 
@@ -421,6 +422,8 @@ def launch(kind: str, sel: Selection, chunk: torch.Tensor, stream: torch.cuda.St
     if sel.wire_fp8:
         geometry, num_rows = _fp8_geometry(sel, own_status, cache_scale)
         lanes = _fp8_vectorized(sel, chunk.data_ptr())
+        if max_ctas:
+            max_ctas *= 2  # NOTE: quantizing is arithmetic per element: twice the SM budget of a plain copy
         if lanes:  # template arguments: the cache's element type, lanes per row
             vec = f"{DTYPE_CODES[sel.layout.dtype]}, {lanes}"
             kind, num_tiles = f"{kind}_fp8_vec", -(-num_rows // (THREADS // lanes * FP8_ROWS))

@@ -49,26 +49,31 @@ FP8_MAX = 448.0  # largest finite e4m3 value
 def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp8 wire: rows ``[..., head_dim]`` -> (e4m3 bytes ``[..., head_dim]`` uint8, float32 scales ``[...]``).
 
-    ``s = max|x| / 448``, ``q = e4m3(clamp(x / s, -448, 448))`` (round to nearest even), q = 0
-    where s = 0. The CUDA kernel does the same float32 operations, so the two agree bit for bit
-    on finite inputs.
+    ``s = max|x| / 448`` is stored; ``q = e4m3(clamp(x * m, -448, 448))`` with ``m = 448 / max|x|``
+    (round to nearest even; q = 0 for an all-zero row). The CUDA kernels do the same float32
+    operations, so the two agree bit for bit on finite inputs.
     """
     x = rows.float()
     # NOTE: divisions by full tensors, never by a Python scalar: torch may turn x / scalar into
     # x * (1 / scalar) (CUDA does), which rounds differently from the kernel's true division.
     amax = x.abs().amax(-1)
-    scale = amax / torch.full_like(amax, FP8_MAX)
-    nonzero = scale > 0
-    divisor = torch.where(nonzero, scale, torch.ones_like(scale))
-    q = torch.where(nonzero[..., None], (x / divisor[..., None]).clamp(-FP8_MAX, FP8_MAX), 0.0)
+    limit = torch.full_like(amax, FP8_MAX)
+    scale = amax / limit
+    multiplier = torch.where(amax > 0, limit / torch.where(amax > 0, amax, limit), torch.zeros_like(amax))
+    q = (x * multiplier[..., None]).clamp(-FP8_MAX, FP8_MAX)
     return q.to(torch.float8_e4m3fn).view(torch.uint8), scale
 
 
+def inverse_cache_scale(cache_scale: float) -> float:
+    """The float32 ``1 / cache_scale`` the kernels multiply by (an e4m3 cache stores value / scale)."""
+    return float(np.float32(1.0) / np.float32(cache_scale))
+
+
 def dequantize_rows(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, cache_scale: float = 1.0):
-    """fp8 wire: e4m3 bytes and their row scales -> rows of ``dtype`` (an e4m3 cache: divided by its ``cache_scale``)."""
+    """fp8 wire: e4m3 bytes and their row scales -> rows of ``dtype`` (an e4m3 cache: times 1 / ``cache_scale``)."""
     x = values.view(torch.float8_e4m3fn).float() * scales[..., None]
     if dtype == torch.float8_e4m3fn:
-        return (x / torch.full_like(x, cache_scale)).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+        return (x * torch.full_like(x, inverse_cache_scale(cache_scale))).clamp(-FP8_MAX, FP8_MAX).to(dtype)
     return x.to(dtype)
 
 
