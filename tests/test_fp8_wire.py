@@ -232,11 +232,11 @@ def test_fp8_kernels_match_the_reference_bit_for_bit(src_dtype, dst_dtype, path,
 def test_fp8_unpack_kernel_refuses_a_plain_chunk(generator):
     shape = dict(num_layers=2, num_blocks=8, block_size=16, num_heads=2, head_dim=64)
     _, src = presets.allocate("vllm_flash_attn_nhd", device="cuda", fill=finite_fill(generator), **shape)
-    engine, dst = presets.allocate("flashinfer_hnd", device="cuda", **shape)
-    before = [t.clone() for t in engine]
+    engine, dst = presets.allocate("flashinfer_hnd", device="cuda", fill=finite_fill(generator), **shape)
+    before = [t.view(torch.uint8).clone() for t in engine]  # bytes: a NaN never equals itself
     plain = torch.empty(kvlink.packed_nbytes(src, 40), dtype=torch.uint8, device="cuda")
     kvlink.pack(src, [1, 2, 3], 40, plain)
     status = kvlink.unpack(dst, [4, 5, 6], 40, plain, wire_dtype="fp8")
     with pytest.raises(kvlink.wire.ChunkError):
         kvlink.check_status(status)
-    assert all(torch.equal(a, b) for a, b in zip(before, engine))
+    assert all(torch.equal(a, b.view(torch.uint8)) for a, b in zip(before, engine)), "a refused chunk wrote something"
