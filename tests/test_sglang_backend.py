@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from engine_access import random_fill
-from kvlink import presets
+from kvlink import kernels, presets
 from kvlink.integrations import sglang as kv_sglang
 from kvlink.integrations.sglang import (KVLinkKVBootstrapServer, KVLinkKVManager, KVLinkKVReceiver, KVLinkKVSender,
                                         KVPoll, KVTransferError)
@@ -24,20 +24,20 @@ from sharded_caches import make_truth, rank_cache, read_rows, truth_rows
 LAYERS, HEADS, HEAD_DIM, PAGES, PAGE = 3, 4, 16, 32, 16
 
 
-def kv_args(engine, layout, *, rank=0, mla=False, total_heads=HEADS):
+def kv_args(engine, layout, *, rank=0, mla=False, total_heads=HEADS, device="cpu"):
     """KVArgs as SGLang's pools fill it: K buffers of every layer then V buffers, page bytes, page size."""
     buffers = engine if mla else list(engine[0]) + list(engine[1])
     page_bytes = buffers[0][0].nbytes * layout.block_size
     return SimpleNamespace(engine_rank=rank, kv_data_ptrs=[b.data_ptr() for b in buffers],
                            kv_data_lens=[b.nbytes for b in buffers], kv_item_lens=[page_bytes] * len(buffers),
                            page_size=layout.block_size, kv_head_num=layout.num_heads, total_kv_head_num=total_heads,
-                           gpu_id=0, device="cpu")
+                           gpu_id=torch.device(device).index or 0, device=device)
 
 
-def server_args(bootstrap_port, tp=1, decode_tp=None, timeout=5.0, **extra):
+def server_args(bootstrap_port, tp=1, decode_tp=None, timeout=5.0, transport="host", **extra):
     return SimpleNamespace(host="127.0.0.1", disaggregation_bootstrap_port=bootstrap_port, kv_cache_dtype="bfloat16",
                            tp_size=tp, disaggregation_decode_tp=decode_tp, disaggregation_transfer_timeout=timeout,
-                           kvlink_transport="host", **extra)
+                           kvlink_transport=transport, **extra)
 
 
 @pytest.fixture
@@ -59,22 +59,31 @@ def poll_until(objects, state, timeout=10.0):
     raise AssertionError(f"not {state} within {timeout} s: {[o.poll() for o in objects]}")
 
 
-@pytest.mark.parametrize("prefill_tp,decode_tp", [(1, 1), (2, 1), (1, 2)])
+TWO_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2 and kernels.cuda_available()
+
+
+@pytest.mark.parametrize("prefill_tp,decode_tp,transport", [
+    (1, 1, "host"), (2, 1, "host"), (1, 2, "host"),
+    *[pytest.param(1, 1, t, marks=pytest.mark.skipif(not TWO_GPUS, reason="needs two GPUs")) for t in ("nccl", "ipc")]])
 def test_sender_and_receiver_poll_through_to_success_and_the_pool_is_byte_exact(
-        bootstrap, prefill_tp, decode_tp, generator):
+        bootstrap, prefill_tp, decode_tp, transport, generator):
     seed = int(generator.initial_seed())
+    prefill_device, decode_device = ("cuda:0", "cuda:1") if transport != "host" else ("cpu", "cpu")
     truth = make_truth(seed, num_layers=LAYERS, num_kv=2, num_blocks=PAGES, block_size=PAGE, num_heads=HEADS,
                        head_dim=HEAD_DIM)
     from kvlink.resharding import heads_of_rank
 
-    prefill_pools = [rank_cache("sglang_mha", truth, heads_of_rank(HEADS, prefill_tp, r)) for r in range(prefill_tp)]
+    prefill_pools = [rank_cache("sglang_mha", truth, heads_of_rank(HEADS, prefill_tp, r), prefill_device)
+                     for r in range(prefill_tp)]
     decode_pools = [presets.allocate("sglang_mha", num_layers=LAYERS, num_blocks=PAGES, block_size=PAGE,
-                                     num_heads=HEADS // decode_tp, head_dim=HEAD_DIM,
+                                     num_heads=HEADS // decode_tp, head_dim=HEAD_DIM, device=decode_device,
                                      fill=random_fill(torch.Generator().manual_seed(seed + r)))
                     for r in range(decode_tp)]
-    prefill = [KVLinkKVManager(kv_args(e, l, rank=r), "prefill", server_args(bootstrap.port, prefill_tp, decode_tp))
+    prefill = [KVLinkKVManager(kv_args(e, l, rank=r, device=prefill_device), "prefill",
+                               server_args(bootstrap.port, prefill_tp, decode_tp, timeout=20.0, transport=transport))
                for r, (e, l) in enumerate(prefill_pools)]
-    decode = [KVLinkKVManager(kv_args(e, l, rank=r), "decode", server_args(bootstrap.port, decode_tp))
+    decode = [KVLinkKVManager(kv_args(e, l, rank=r, device=decode_device), "decode",
+                              server_args(bootstrap.port, decode_tp, timeout=20.0, transport=transport))
               for r, (e, l) in enumerate(decode_pools)]
     try:
         for manager in prefill:
@@ -96,8 +105,9 @@ def test_sender_and_receiver_poll_through_to_success_and_the_pool_is_byte_exact(
             sender.send(src_pages[:3])    # chunked prefill: two calls
             assert sender.poll() == KVPoll.WaitingForInput
             sender.send(src_pages[3:])
-        poll_until(receivers, KVPoll.Success)
-        poll_until(senders, KVPoll.Success)
+        poll_until(receivers, KVPoll.Success, timeout=30)
+        poll_until(senders, KVPoll.Success, timeout=30)
+        assert all(link["transport"] == transport for m in decode for link in m.endpoint.links())
         for rank, (engine, layout) in enumerate(decode_pools):
             got = read_rows("sglang_mha", engine, layout, dst_pages.tolist(), len(src_pages) * PAGE)
             want = truth_rows(truth, src_pages.tolist(), len(src_pages) * PAGE, heads_of_rank(HEADS, decode_tp, rank))

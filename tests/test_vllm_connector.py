@@ -32,8 +32,8 @@ class Engine:
     """One vLLM engine's connectors: a scheduler and a worker per TP rank, with CPU caches."""
 
     def __init__(self, kv_role, tp, caches, preset, **extra):
-        cfg = config(kv_role, tp=tp, block_size=caches[0][1].block_size, timeout=extra.pop("timeout", 5.0),
-                     transport="host", **extra)
+        extra.setdefault("transport", "host")
+        cfg = config(kv_role, tp=tp, block_size=caches[0][1].block_size, timeout=extra.pop("timeout", 5.0), **extra)
         self.scheduler = KVLinkConnector(cfg, KVConnectorRole.SCHEDULER)
         self.workers = []
         self.caches = caches
@@ -79,27 +79,39 @@ def until(condition, timeout=10.0, what="condition"):
     raise AssertionError(f"{what} not reached within {timeout} s")
 
 
-def build(prefill_tp, decode_tp, seed, decode_preset="vllm_flash_attn_nhd", decode_block=BLOCK):
+def build(prefill_tp, decode_tp, seed, decode_preset="vllm_flash_attn_nhd", decode_block=BLOCK,
+          prefill_device="cpu", decode_device="cpu"):
     truth = make_truth(seed, num_layers=LAYERS, num_kv=2, num_blocks=BLOCKS, block_size=BLOCK, num_heads=HEADS,
                        head_dim=HEAD_DIM)
-    prefill_caches = [rank_cache("vllm_flash_attn_nhd", truth, heads_of_rank(HEADS, prefill_tp, r))
+    prefill_caches = [rank_cache("vllm_flash_attn_nhd", truth, heads_of_rank(HEADS, prefill_tp, r), prefill_device)
                       for r in range(prefill_tp)]
     decode_caches = [poisoned_cache(decode_preset, num_layers=LAYERS, num_kv=2,
                                     num_blocks=BLOCKS * BLOCK // decode_block, block_size=decode_block,
                                     num_heads=heads_of_rank(HEADS, decode_tp, r)[1] - heads_of_rank(HEADS, decode_tp, r)[0],
-                                    head_dim=HEAD_DIM, seed=seed + r)
+                                    head_dim=HEAD_DIM, seed=seed + r, device=decode_device)
                      for r in range(decode_tp)]
     return truth, prefill_caches, decode_caches
 
 
-@pytest.mark.parametrize("prefill_tp,decode_tp,decode_preset", [(1, 1, "vllm_flash_attn_nhd"),
-                                                                (2, 1, "vllm_flashinfer_hnd"),
-                                                                (1, 2, "vllm_2026")])
-def test_prefill_to_decode_through_the_documented_call_sequence(prefill_tp, decode_tp, decode_preset, generator):
+TWO_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2 and kvlink.kernels.cuda_available()
+CASES = [pytest.param(1, 1, "vllm_flash_attn_nhd", "host", id="1-1-host"),
+         pytest.param(2, 1, "vllm_flashinfer_hnd", "host", id="2-1-host"),
+         pytest.param(1, 2, "vllm_2026", "host", id="1-2-host")]
+GPU_CASES = [pytest.param(1, 1, "vllm_flashinfer_hnd", transport, id=f"1-1-gpus-{transport}",
+                          marks=pytest.mark.skipif(not TWO_GPUS, reason="needs two GPUs"))
+             for transport in ("nccl", "ipc")]
+
+
+@pytest.mark.parametrize("prefill_tp,decode_tp,decode_preset,transport", CASES + GPU_CASES)
+def test_prefill_to_decode_through_the_documented_call_sequence(prefill_tp, decode_tp, decode_preset, transport,
+                                                                  generator):
     seed = int(generator.initial_seed())
-    truth, prefill_caches, decode_caches = build(prefill_tp, decode_tp, seed, decode_preset)
-    prefill = Engine("kv_producer", prefill_tp, prefill_caches, "vllm_flash_attn_nhd", decode_tp_size=decode_tp)
-    decode = Engine("kv_consumer", decode_tp, decode_caches, decode_preset,
+    devices = ("cuda:0", "cuda:1") if transport != "host" else ("cpu", "cpu")
+    truth, prefill_caches, decode_caches = build(prefill_tp, decode_tp, seed, decode_preset, prefill_device=devices[0],
+                                                 decode_device=devices[1])
+    prefill = Engine("kv_producer", prefill_tp, prefill_caches, "vllm_flash_attn_nhd", decode_tp_size=decode_tp,
+                     transport=transport, timeout=20.0)
+    decode = Engine("kv_consumer", decode_tp, decode_caches, decode_preset, transport=transport, timeout=20.0,
                     **({"kv_layout": "HND"} if decode_preset.endswith("_hnd") else {}))
     try:
         num_tokens = 77
@@ -132,13 +144,18 @@ def test_prefill_to_decode_through_the_documented_call_sequence(prefill_tp, deco
             results = decode.step()
         for worker in decode.workers:
             assert worker.get_block_ids_with_load_errors() == set()
+            assert all(link["transport"] == transport for link in worker.endpoint.links())
         for rank, (engine_tensors, layout) in enumerate(decode_caches):
             got = read_rows(decode_preset, engine_tensors, layout, decode_blocks[:-(-num_tokens // BLOCK)], num_tokens)
             want = truth_rows(truth, prefill_blocks, num_tokens, heads_of_rank(HEADS, decode_tp, rank))
             assert torch.equal(got, want), f"decode rank {rank} differs"
 
+        sent_by = [set() for _ in prefill.workers]  # vLLM aggregates each worker's reports across steps
+
         def all_sent():
-            return all(p_req.request_id in (s[0] or set()) for s in prefill.step())
+            for rank, (sending, _) in enumerate(prefill.step()):
+                sent_by[rank] |= sending or set()
+            return all(p_req.request_id in s for s in sent_by)
         until(all_sent, what="prefill reporting the request sent")
     finally:
         prefill.close()

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One call on a 2-GPU machine: the engine adapters' call-sequence tests over NCCL and CUDA IPC, the
+# example's test, then examples/disagg_serving.py at its GPU defaults (its summary JSON under OUTDIR).
+# Usage (repo root): bash benchmarks/gpu_integrations_session.sh OUTDIR
+set -u -o pipefail
+out=${1:-${OUT:-/tmp/kvlink-gpu}}
+mkdir -p "$out"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+status=0
+nvidia-smi --query-gpu=index,name --format=csv,noheader
+timeout 400 python3 -m pytest -q -p no:cacheprovider -o faulthandler_timeout=90 tests/test_vllm_connector.py \
+  tests/test_sglang_backend.py tests/test_example.py > "$out/tests.log" 2>&1 || status=1
+echo "tests: $(tail -n 1 "$out/tests.log")"; grep -E "^(FAILED|E  )" "$out/tests.log" | head -n 20
+timeout 400 python3 examples/disagg_serving.py --json "$out/disagg_serving.json" > "$out/example.log" 2> "$out/example.err" || status=1
+cat "$out/example.log"; grep -E "FAILED|Error" "$out/example.err" | head -n 5
+exit $status
