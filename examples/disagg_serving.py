@@ -280,16 +280,16 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="cuda: two GPUs (colocated on GPU 0; prefill GPU 0, decode GPU 1)")
-    p.add_argument("--requests", type=int, default=None, help="default 48 (GPU) / 12 (CPU)")
-    p.add_argument("--rate", type=float, default=None, help="arrivals per second (default 12 GPU / 4 CPU)")
+    p.add_argument("--requests", type=int, default=None, help="default 32 (GPU) / 12 (CPU)")
+    p.add_argument("--rate", type=float, default=None, help="arrivals per second (default 1.5 GPU / 4 CPU)")
     p.add_argument("--prompt-min", type=int, default=None)
     p.add_argument("--prompt-max", type=int, default=None)
     p.add_argument("--output-min", type=int, default=8)
     p.add_argument("--output-max", type=int, default=None)
-    p.add_argument("--ttft-ms", type=float, default=None, help="TTFT target (default 250 GPU / 500 CPU)")
-    p.add_argument("--tpot-ms", type=float, default=None, help="TPOT target (default 40 GPU / 30 CPU)")
-    p.add_argument("--layers", type=int, default=None, help="model layers (default 8 GPU / 4 CPU)")
-    p.add_argument("--d-model", type=int, default=None, help="default 1024 GPU / 384 CPU")
+    p.add_argument("--ttft-ms", type=float, default=None, help="TTFT target (default 300 GPU / 500 CPU)")
+    p.add_argument("--tpot-ms", type=float, default=None, help="TPOT target (default 60 GPU / 30 CPU)")
+    p.add_argument("--layers", type=int, default=None, help="model layers (default 4)")
+    p.add_argument("--d-model", type=int, default=None, help="default 512 GPU / 384 CPU")
     p.add_argument("--block-size", type=int, default=16, help="prefill (and colocated) tokens per block")
     p.add_argument("--decode-block-size", type=int, default=32, help="decode tokens per block")
     p.add_argument("--vocab", type=int, default=4096)
@@ -303,9 +303,10 @@ def parse_args(argv=None):
         p.error("--device cuda needs two visible GPUs")
     args.device = "cuda" if args.device == "auto" and gpus else ("cpu" if args.device == "auto" else args.device)
     on_gpu = args.device == "cuda"
-    defaults = dict(requests=(48, 12), rate=(12.0, 4.0), prompt_min=(128, 32), prompt_max=(1024, 256),
-                    output_max=(64, 16), ttft_ms=(250.0, 500.0), tpot_ms=(40.0, 30.0), layers=(8, 4),
-                    d_model=(1024, 384))
+    # GPU defaults: a load the per-request Python forward (tens of kernel launches a layer) keeps up with
+    defaults = dict(requests=(32, 12), rate=(1.5, 4.0), prompt_min=(128, 32), prompt_max=(1024, 256),
+                    output_max=(32, 16), ttft_ms=(300.0, 500.0), tpot_ms=(60.0, 30.0), layers=(4, 4),
+                    d_model=(512, 384))
     for name, (gpu, cpu) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, gpu if on_gpu else cpu)
