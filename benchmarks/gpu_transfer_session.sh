@@ -8,12 +8,7 @@
 set -u -o pipefail
 out=${1:-${OUT:-/tmp/kvlink-gpu}}
 mkdir -p "$out"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
+source benchmarks/gpu_env.sh
 status=0
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$out/device.txt"
 nvidia-smi topo -m >> "$out/device.txt" 2>&1

@@ -139,7 +139,19 @@ __global__ void __launch_bounds__(THREADS) kvlink_pack(
 // Refuses the whole chunk (writes nothing, sets *status = 1) when its header differs from the
 // expected one (in the metadata) in any word selected by check_mask. Every thread block checks
 // for itself, so no block writes before knowing the chunk is good; a refused chunk is refused by
-// every block alike.
+// every block alike. Called by every thread of the block (it synchronizes them).
+__device__ __forceinline__ bool chunk_refused(const Geometry& g, const unsigned char* __restrict__ meta,
+                                              const unsigned char* __restrict__ chunk, int* __restrict__ status) {
+    const unsigned char* expected_header = meta + META_HEADER_OFFSET;
+    int mismatch = 0;
+    if (threadIdx.x < HEADER_BYTES && ((g.check_mask >> (threadIdx.x / 4)) & 1u))
+        mismatch = chunk[threadIdx.x] != expected_header[threadIdx.x];
+    const int refused = __syncthreads_or(mismatch);
+    if (threadIdx.x == 0 && (refused || (g.status_overwrite && blockIdx.x == 0))) atomicExch(status, refused);
+    return refused != 0;
+}
+
+// Unpack: refuses a chunk whose header does not match (chunk_refused), else scatters it.
 template <int VEC>
 __global__ void __launch_bounds__(THREADS) kvlink_unpack(
     const unsigned char* __restrict__ meta, const u64* __restrict__ plane_ptrs,
@@ -147,13 +159,7 @@ __global__ void __launch_bounds__(THREADS) kvlink_unpack(
     typedef typename VecType<VEC>::T V;
     const Geometry g = *reinterpret_cast<const Geometry*>(meta);
     const int* block_ids = reinterpret_cast<const int*>(meta + META_BLOCK_IDS_OFFSET);
-    const unsigned char* expected_header = meta + META_HEADER_OFFSET;
-    int mismatch = 0;
-    if (threadIdx.x < HEADER_BYTES && ((g.check_mask >> (threadIdx.x / 4)) & 1u))
-        mismatch = chunk[threadIdx.x] != expected_header[threadIdx.x];
-    const int refused = __syncthreads_or(mismatch);
-    if (threadIdx.x == 0 && (refused || (g.status_overwrite && blockIdx.x == 0))) atomicExch(status, refused);
-    if (refused) return;
+    if (chunk_refused(g, meta, chunk, status)) return;
     const unsigned char* payload = chunk + HEADER_BYTES;
     for (u32 tile = blockIdx.x; tile < g.num_tiles; tile += gridDim.x) {
         const u32 p = fast_div(tile, g.tpp_mul, g.tpp_shift);
@@ -371,13 +377,7 @@ __global__ void __launch_bounds__(THREADS) kvlink_unpack_fp8(
     const unsigned char* __restrict__ chunk, int* __restrict__ status) {
     const Geometry g = *reinterpret_cast<const Geometry*>(meta);
     const int* block_ids = reinterpret_cast<const int*>(meta + META_BLOCK_IDS_OFFSET);
-    const unsigned char* expected_header = meta + META_HEADER_OFFSET;
-    int mismatch = 0;
-    if (threadIdx.x < HEADER_BYTES && ((g.check_mask >> (threadIdx.x / 4)) & 1u))
-        mismatch = chunk[threadIdx.x] != expected_header[threadIdx.x];
-    const int refused = __syncthreads_or(mismatch);
-    if (threadIdx.x == 0 && (refused || (g.status_overwrite && blockIdx.x == 0))) atomicExch(status, refused);
-    if (refused) return;
+    if (chunk_refused(g, meta, chunk, status)) return;
     const unsigned char* values = chunk + HEADER_BYTES;
     const float* scales = reinterpret_cast<const float*>(values + (u64)g.num_planes * g.plane_bytes);
     const float inv_cache_scale = __uint_as_float(g.inv_cache_scale_bits);
@@ -467,13 +467,7 @@ __global__ void __launch_bounds__(THREADS) kvlink_unpack_fp8_vec(
     typedef typename Fp8Bytes<ELEMS>::T Q;
     const Geometry g = *reinterpret_cast<const Geometry*>(meta);
     const int* block_ids = reinterpret_cast<const int*>(meta + META_BLOCK_IDS_OFFSET);
-    const unsigned char* expected_header = meta + META_HEADER_OFFSET;
-    int mismatch = 0;
-    if (threadIdx.x < HEADER_BYTES && ((g.check_mask >> (threadIdx.x / 4)) & 1u))
-        mismatch = chunk[threadIdx.x] != expected_header[threadIdx.x];
-    const int refused = __syncthreads_or(mismatch);
-    if (threadIdx.x == 0 && (refused || (g.status_overwrite && blockIdx.x == 0))) atomicExch(status, refused);
-    if (refused) return;
+    if (chunk_refused(g, meta, chunk, status)) return;
     const unsigned char* values = chunk + HEADER_BYTES;
     const float* scales = reinterpret_cast<const float*>(values + (u64)g.num_planes * g.plane_bytes);
     const float inv_cache_scale = __uint_as_float(g.inv_cache_scale_bits);

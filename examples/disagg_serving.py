@@ -127,6 +127,23 @@ def blocks_for(n_tokens: int, block_size: int) -> int:
     return -(-n_tokens // block_size)
 
 
+def decode_step(model: TinyLM, running: list[dict], layout, device: str, t0: float) -> list[dict]:
+    """One greedy token for every running request (same order, same shapes in both modes); the
+    requests that reached their output length, removed from ``running``."""
+    for req in running:
+        pos = req["prompt_len"] + len(req["tokens"]) - 1
+        req["tokens"].append(model.forward([req["tokens"][-1]], pos, layout, req["blocks"]))
+    sync(device)
+    stamp = time.time() - t0
+    finished = []
+    for req in list(running):
+        req["times"].append(stamp)
+        if len(req["tokens"]) >= req["max_new"]:
+            running.remove(req)
+            finished.append(req)
+    return finished
+
+
 # ------------------------------------------------------------------------------------- colocated
 def colocated_main(args, cfg, trace, device, t0, results) -> None:
     setup_device(device, args.threads)
@@ -145,19 +162,11 @@ def colocated_main(args, cfg, trace, device, t0, results) -> None:
             req["blocks"] = list(range(slot * per_request, (slot + 1) * per_request))
             token = model.forward(req["prompt"], 0, layout, req["blocks"])
             sync(device)
-            req["tokens"], req["times"] = [token], [time.time() - t0]
+            req["tokens"], req["times"], req["prompt_len"] = [token], [time.time() - t0], len(req["prompt"])
             running.append(req)
         elif running:
-            for req in list(running):  # one decode step for every running request
-                pos = len(req["prompt"]) + len(req["tokens"]) - 1
-                req["tokens"].append(model.forward([req["tokens"][-1]], pos, layout, req["blocks"]))
-            sync(device)
-            stamp = time.time() - t0
-            for req in list(running):
-                req["times"].append(stamp)
-                if len(req["tokens"]) >= req["max_new"]:
-                    running.remove(req)
-                    done[req["id"]] = {"tokens": req["tokens"], "times": req["times"], "arrival": req["arrival"]}
+            for req in decode_step(model, running, layout, device, t0):
+                done[req["id"]] = {"tokens": req["tokens"], "times": req["times"], "arrival": req["arrival"]}
         else:
             time.sleep(max(0.0, min(0.002, waiting[0]["arrival"] - now)))
     results.put(("colocated", done))
@@ -237,18 +246,10 @@ def decode_main(args, cfg, device, t0, from_prefill, results) -> None:
                     else:
                         running.append(req)
             if running:
-                for req in running:
-                    pos = req["prompt_len"] + len(req["tokens"]) - 1
-                    req["tokens"].append(model.forward([req["tokens"][-1]], pos, layout, req["blocks"]))
-                sync(device)
-                stamp = time.time() - t0
-                for req in list(running):
-                    req["times"].append(stamp)
-                    if len(req["tokens"]) >= req["max_new"]:
-                        running.remove(req)
-                        done[req["id"]] = req
-            elif not from_prefill.poll(0.0005):
-                pass
+                for req in decode_step(model, running, layout, device, t0):
+                    done[req["id"]] = req
+            else:
+                from_prefill.poll(0.0005)  # idle: wait a little for the next request
         results.put(("disaggregated", {k: {"tokens": r["tokens"], "times": r["times"], "arrival": r["arrival"]}
                                        for k, r in done.items()}))
         from_prefill.send(("finished", None))

@@ -50,13 +50,19 @@ def _rank_seed(args, rank: int) -> int:
     return args.seed + 1000 * (rank + 1)
 
 
-def prefill_rank_main(args, rank: int, conn, results) -> None:
+def _start_rank(args, role: str, rank: int) -> str:
+    """A rank process's first steps: stack dumps if stuck, its log prefix, its GPU; returns its device."""
     faulthandler.dump_traceback_later(180, repeat=True)
-    logging.basicConfig(level=logging.INFO, format=f"[prefill {rank}] %(message)s", stream=sys.stderr)
-    import kvlink
-    device = _device(args, "prefill", rank)
+    logging.basicConfig(level=logging.INFO, format=f"[{role} {rank}] %(message)s", stream=sys.stderr)
+    device = _device(args, role, rank)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
+    return device
+
+
+def prefill_rank_main(args, rank: int, conn, results) -> None:
+    import kvlink
+    device = _start_rank(args, "prefill", rank)
     try:
         first, stop = _heads(args, args.prefill_tp, rank)
         _, layout = build_cache(args, _rank_seed(args, rank), device, num_heads=stop - first)
@@ -78,13 +84,9 @@ def prefill_rank_main(args, rank: int, conn, results) -> None:
 
 
 def decode_rank_main(args, rank: int, conn, results) -> None:
-    faulthandler.dump_traceback_later(180, repeat=True)
-    logging.basicConfig(level=logging.INFO, format=f"[decode {rank}]  %(message)s", stream=sys.stderr)
     import kvlink
     from kvlink.resharding import plan_resharding, pull_resharded
-    device = _device(args, "decode", rank)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
+    device = _start_rank(args, "decode", rank)
     try:
         plan = plan_resharding(args.kv_heads, args.prefill_tp, args.decode_tp)
         first, stop = _heads(args, args.decode_tp, rank)
