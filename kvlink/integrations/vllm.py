@@ -46,7 +46,7 @@ import torch
 import kvlink
 from kvlink import presets
 from kvlink.endpoint import DEFAULT_TIMEOUT
-from kvlink.resharding import ReleaseTracker, heads_of_rank, plan_resharding, pull_resharded
+from kvlink.resharding import ReleaseTracker, plan_resharding, pull_resharded
 
 log = logging.getLogger("kvlink.vllm")
 
