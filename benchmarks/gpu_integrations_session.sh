@@ -5,12 +5,10 @@
 set -u -o pipefail
 out=${1:-${OUT:-/tmp/kvlink-gpu}}
 mkdir -p "$out"
-source benchmarks/gpu_env.sh
 status=0
-nvidia-smi --query-gpu=index,name --format=csv,noheader
-timeout 400 python3 -m pytest -q -p no:cacheprovider -o faulthandler_timeout=90 tests/test_vllm_connector.py \
-  tests/test_sglang_backend.py tests/test_example.py > "$out/tests.log" 2>&1 || status=1
-echo "tests: $(tail -n 1 "$out/tests.log")"; grep -E "^(FAILED|E  )" "$out/tests.log" | head -n 20
+source benchmarks/gpu_env.sh
+run_tests integrations tests/test_vllm_connector.py tests/test_sglang_backend.py tests/test_example.py
+grep -E "^(FAILED|E  )" "$out/tests_integrations.log" | head -n 20
 timeout 400 python3 examples/disagg_serving.py --json "$out/disagg_serving.json" > "$out/example.log" 2> "$out/example.err" || status=1
 cat "$out/example.log"; grep -E "FAILED|Error" "$out/example.err" | head -n 5
 exit $status

@@ -10,15 +10,8 @@
 set -u -o pipefail
 out=${1:-${OUT:-/tmp/kvlink-gpu}}
 mkdir -p "$out"
-source benchmarks/gpu_env.sh
 status=0
-nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$out/device.txt"
-nvidia-smi topo -m >> "$out/device.txt" 2>&1
-run_tests() {  # name, then pytest arguments
-  local name=$1; shift
-  timeout 400 python3 -m pytest -q -p no:cacheprovider -o faulthandler_timeout=90 "$@" > "$out/tests_$name.log" 2>&1 || status=1
-  echo "tests $name: $(tail -n 1 "$out/tests_$name.log")"
-}
+source benchmarks/gpu_env.sh
 for t in ${KVLINK_TESTS-fp8 resharding kernels transfers}; do
   case $t in
     fp8) run_tests fp8 tests/test_fp8_wire.py; grep -E "^(FAILED|E  )" "$out/tests_fp8.log" | head -n 20 ;;
@@ -55,5 +48,6 @@ for path in sorted(glob.glob(os.path.join(out, "bench-*.json"))):
         print(f"{run:<18} {r['method']:<12} {r['tokens']:>6} {r['time_us']:>10.1f} {r['GBps']:>8.2f} "
               f"{r.get('link_GBps', r['GBps']):>9.2f} {wire / 2**20:>9.1f} {r['wrong_bytes']:>6}")
 PY
-tar -czf "$out/logs.tgz" -C "$out" --exclude logs.tgz . && find "$out" -type f ! -name logs.tgz ! -name device.txt -delete
+# few files come back from a lent machine: pack the logs into one (built outside $out, then moved in)
+tar -czf /tmp/kvlink-logs.tgz -C "$out" . && find "$out" -type f ! -name device.txt -delete && mv /tmp/kvlink-logs.tgz "$out/logs.tgz"
 exit $status

@@ -8,15 +8,8 @@
 set -u -o pipefail
 out=${1:-${OUT:-/tmp/kvlink-gpu}}
 mkdir -p "$out"
-source benchmarks/gpu_env.sh
 status=0
-nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$out/device.txt"
-nvidia-smi topo -m >> "$out/device.txt" 2>&1
-run_tests() {  # name, then pytest arguments
-  local name=$1; shift
-  timeout 300 python3 -m pytest -q -x -p no:cacheprovider -o faulthandler_timeout=60 "$@" > "$out/tests_$name.log" 2>&1 || status=1
-  echo "tests $name: $(tail -n 1 "$out/tests_$name.log")"
-}
+source benchmarks/gpu_env.sh
 # how fast this machine runs kvlink's host-side Python (compare with other machines' figures)
 timeout 60 python3 benchmarks/host_overhead.py > "$out/host_overhead.log" 2>&1 || status=1
 cat "$out/host_overhead.log"

@@ -50,7 +50,7 @@ from kvlink.kernels import _on_device, launch_copy
 from kvlink.layout import CacheLayout, PeerLayout, check_compatible
 from kvlink.pack import _resolve_backend, pack_selection, prepare, unpack_selection
 from kvlink.plan import Box, box_payload_bytes, plan_chunks
-from kvlink.selection import HEADER_BYTES, WIRE_DTYPES, block_ids_to_numpy, select, with_wire
+from kvlink.selection import HEADER_BYTES, WIRE_DTYPES, block_ids_to_numpy, select, wire_row_bytes, with_wire
 from kvlink.wire import CHECKSUM_OFFSET, STATUS_OK, payload_checksum_numpy, payload_checksum_torch
 
 log = logging.getLogger("kvlink")
@@ -1368,11 +1368,8 @@ class Endpoint:
     def _refused_chunk_bytes(self, link: _Link, serve: _Serve, box) -> int:
         """Size the decode side expects for a chunk of a pull we refused (it planned with its own layout)."""
         remote = link.remote_layout
-        message_wire = serve.wire
-        if message_wire == "fp8":
-            row_bytes = remote["head_dim"] + 4
-        else:
-            row_bytes = remote["head_dim"] * torch.empty(0, dtype=getattr(torch, remote["dtype"])).element_size()
+        element_bytes = torch.empty(0, dtype=getattr(torch, remote["dtype"])).element_size()
+        row_bytes = wire_row_bytes(remote["head_dim"], element_bytes, serve.wire == "fp8")
         heads = serve.heads[1] - serve.heads[0] if serve.heads[1] > serve.heads[0] else remote["num_heads"]
         token_layer_bytes = remote["num_kv"] * heads * row_bytes
         return HEADER_BYTES + min(link.chunk_bytes, box_payload_bytes(tuple(box), token_layer_bytes))

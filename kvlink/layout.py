@@ -15,6 +15,7 @@ Engine-specific constructors live in :mod:`kvlink.presets`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -155,7 +156,7 @@ class CacheLayout:
     def element_size(self) -> int:
         return self.planes[0].element_size()
 
-    @property
+    @cached_property
     def dtype_name(self) -> str:
         """The dtype as the handshake spells it, e.g. ``"bfloat16"``."""
         return str(self.dtype).removeprefix("torch.")
@@ -215,6 +216,7 @@ class CacheLayout:
         check_compatible(self.to_dict(), other.to_dict())
 
 
+@functools.lru_cache(maxsize=256)  # fp8 chunk headers ask for it per chunk
 def layout_fingerprint(num_layers: int, num_kv: int, head_dim: int, dtype: torch.dtype) -> str:
     """What one packed row is: layers, K/V or MLA, head_dim and element type (see CacheLayout.fingerprint)."""
     text = (f"kvlink-layout-v1|layers={num_layers}|kv={num_kv}"

@@ -15,7 +15,7 @@ import torch
 
 from kvlink import kernels, reference
 from kvlink.layout import CacheLayout
-from kvlink.selection import HEADER_BYTES, Selection, _as_range, select, with_wire
+from kvlink.selection import HEADER_BYTES, WIRE_DTYPES, Selection, _as_range, select, wire_row_bytes, with_wire
 from kvlink.wire import ChunkHeader
 
 BACKENDS = ("auto", "cuda", "torch")
@@ -30,7 +30,9 @@ def packed_nbytes(layout: CacheLayout, num_tokens: int, *, layers=None, tokens=N
     token_start, token_stop = _as_range("tokens", tokens, num_tokens)
     head_start, head_stop = _as_range("heads", heads, layout.num_heads)
     planes = (layer_stop - layer_start) * layout.num_kv
-    row_bytes = layout.head_dim + 4 if wire_dtype == "fp8" else layout.row_bytes
+    if wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
+    row_bytes = wire_row_bytes(layout.head_dim, layout.element_size, wire_dtype == "fp8")
     return HEADER_BYTES + planes * (token_stop - token_start) * (head_stop - head_start) * row_bytes
 
 

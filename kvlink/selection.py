@@ -27,6 +27,11 @@ FP8_SOURCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP8_DESTINATION_DTYPES = FP8_SOURCE_DTYPES + (torch.float8_e4m3fn,)
 
 
+def wire_row_bytes(head_dim: int, element_bytes: int, wire_fp8: bool) -> int:
+    """Chunk bytes of one (token, head) row: head_dim elements, or for fp8 head_dim bytes and a scale."""
+    return head_dim + FP8_SCALE_BYTES if wire_fp8 else head_dim * element_bytes
+
+
 @dataclass(frozen=True, eq=False)
 class Selection:
     """A validated (layout, blocks, tokens, layers, heads) box; build with :func:`select`."""
@@ -69,8 +74,7 @@ class Selection:
 
     @property
     def wire_row_bytes(self) -> int:
-        """Chunk bytes of one (token, head) row: head_dim elements, or for fp8 head_dim bytes and a scale."""
-        return self.layout.head_dim + FP8_SCALE_BYTES if self.wire_fp8 else self.layout.row_bytes
+        return wire_row_bytes(self.layout.head_dim, self.layout.element_size, self.wire_fp8)
 
     @property
     def token_layer_bytes(self) -> int:

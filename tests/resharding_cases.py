@@ -72,7 +72,7 @@ def run_resharded(*, prefill_tp: int, decode_tp: int, num_kv_heads: int, seed: i
         for rank in range(decode_tp):
             first, stop = heads_of_rank(heads, decode_tp, rank)
             device = decode_devices[rank] if decode_devices else "cpu"
-            engine, layout = poisoned_cache(dst_preset, num_layers=num_layers, num_kv=truth_shape["num_kv"],
+            engine, layout = poisoned_cache(dst_preset, num_layers=num_layers,
                                             num_blocks=num_blocks * src_block_size // dst_block_size,
                                             block_size=dst_block_size, num_heads=stop - first, head_dim=latent,
                                             device=device, seed=seed + 10 + rank)

@@ -49,10 +49,9 @@ def rank_cache(preset: str, truth: torch.Tensor, heads: tuple[int, int], device=
     return engine, layout
 
 
-def poisoned_cache(preset: str, *, num_layers: int, num_kv: int, num_blocks: int, block_size: int, num_heads: int,
+def poisoned_cache(preset: str, *, num_layers: int, num_blocks: int, block_size: int, num_heads: int,
                    head_dim: int, dtype: torch.dtype = torch.bfloat16, device="cpu", seed: int = 1):
     """A destination cache full of random bytes."""
-    del num_kv  # implied by the preset
     return presets.allocate(preset, num_layers=num_layers, num_blocks=num_blocks, block_size=block_size,
                             num_heads=num_heads, head_dim=head_dim, dtype=dtype, device=device,
                             fill=random_fill(torch.Generator().manual_seed(seed)))

@@ -108,7 +108,7 @@ def test_bad_resharded_pulls_raise_before_any_pull_starts(generator):
     plan = plan_resharding(8, 2, 1)
     caches = [rank_cache("vllm_flash_attn_nhd", truth, heads_of_rank(8, 2, r))[1] for r in range(2)]
     _, wrong = rank_cache("vllm_flash_attn_nhd", truth, (0, 2))
-    _, dst = poisoned_cache("flashinfer_hnd", num_layers=2, num_kv=2, num_blocks=8, block_size=16, num_heads=8,
+    _, dst = poisoned_cache("flashinfer_hnd", num_layers=2, num_blocks=8, block_size=16, num_heads=8,
                             head_dim=16)
     with kvlink.Endpoint(caches[0], name="p0", timeout=5) as p0, kvlink.Endpoint(wrong, name="p1", timeout=5) as p1, \
             kvlink.Endpoint(dst, name="d0", listen=None, timeout=5) as decode:

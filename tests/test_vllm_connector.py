@@ -85,7 +85,7 @@ def build(prefill_tp, decode_tp, seed, decode_preset="vllm_flash_attn_nhd", deco
                        head_dim=HEAD_DIM)
     prefill_caches = [rank_cache("vllm_flash_attn_nhd", truth, heads_of_rank(HEADS, prefill_tp, r), prefill_device)
                       for r in range(prefill_tp)]
-    decode_caches = [poisoned_cache(decode_preset, num_layers=LAYERS, num_kv=2,
+    decode_caches = [poisoned_cache(decode_preset, num_layers=LAYERS,
                                     num_blocks=BLOCKS * BLOCK // decode_block, block_size=decode_block,
                                     num_heads=heads_of_rank(HEADS, decode_tp, r)[1] - heads_of_rank(HEADS, decode_tp, r)[0],
                                     head_dim=HEAD_DIM, seed=seed + r, device=decode_device)
