@@ -19,6 +19,20 @@ def build_cache(preset: str, seed: int, shape: dict, device: str = "cpu"):
     return presets.allocate(preset, device=device, fill=random_fill(torch.Generator().manual_seed(seed)), **shape)
 
 
+def next_command(conn, check_seconds: float = 1.0):
+    """The next command from the test process, or None once it is gone (its end of the pipe closed
+    or the process died). A helper lives exactly as long as the test using it: a test may leave
+    its pipe silent for as long as it likes (a soak on a slow machine) without the helper leaving."""
+    parent = mp.parent_process()
+    while not conn.poll(check_seconds):
+        if parent is not None and not parent.is_alive():
+            return None
+    try:
+        return conn.recv()
+    except (EOFError, OSError):
+        return None
+
+
 def prefill_main(conn, preset: str, seed: int, shape: dict, device: str, endpoint_kwargs: dict) -> None:
     """Serve pulls until told to stop; answer layer_ready and finished_sends commands.
 
@@ -42,9 +56,10 @@ def prefill_main(conn, preset: str, seed: int, shape: dict, device: str, endpoin
     with kvlink.Endpoint(layout, **endpoint_kwargs) as endpoint:
         conn.send(endpoint.address)
         while True:
-            if not conn.poll(60):
-                return  # the test process is gone
-            command, *args = conn.recv()
+            command = next_command(conn)
+            if command is None:
+                return
+            command, *args = command
             if command == "stop":
                 return
             if command == "layer_ready":
@@ -113,7 +128,7 @@ def decode_main(conn, preset: str, seed: int, shape: dict, address: str, pull: t
         while handle._chunks_done == 0 and not handle.done() and time.time() < deadline:
             time.sleep(0.001)
     conn.send(("started", handle._chunks_done, handle.done(), str(handle.error) if handle.error else None))
-    conn.poll(120)
+    next_command(conn)  # idle until the test kills this process or goes away
 
 
 class DecodeProcess:

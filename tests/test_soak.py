@@ -1,7 +1,8 @@
 """Soak: many random transfers (sizes, layouts, block sizes, boxes, concurrency), every byte verified.
 
 On the CPU (CI) over the host transport; with GPUs over CUDA IPC and NCCL. KVLINK_SOAK_TRANSFERS
-sets the count (default 50,000: about a minute on the CPU; the acceptance asks for 1,000 or more).
+sets the count. The default, 10,000, takes 15-35 s on a 2-core CI machine, far inside the test
+timeout; the test counts what it did and prints it, so a slower machine runs longer, never less.
 """
 
 import os
@@ -19,7 +20,7 @@ SEED = 4242
 SRC_PRESET = "vllm_flash_attn_nhd"
 SRC_SHAPE = dict(num_layers=3, num_blocks=400, block_size=16, num_heads=4, head_dim=32)
 DST_PRESETS = [p for p in presets.PRESETS if p not in presets.MLA_PRESETS]
-TRANSFERS = int(os.environ.get("KVLINK_SOAK_TRANSFERS", "50000"))
+TRANSFERS = int(os.environ.get("KVLINK_SOAK_TRANSFERS", "10000"))
 
 
 def packed(layout, ids, num_tokens, layers, heads):
