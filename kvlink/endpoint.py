@@ -352,6 +352,9 @@ class Endpoint:
         self._pack_stream = self._unpack_stream = None
         self._launch_lock = threading.Lock()  # ipc pulls launch on the caller's thread
         self._tracked: collections.deque = collections.deque()  # ipc pulls launched, not yet watched
+        # (peer, request id) -> the latest pull of it: an id still in flight on a link is refused
+        self._pulls_by_request: dict[tuple[str, str], TransferHandle] = {}
+        self._prune_pulls_at = 1024
         self._cancelled_xfers: collections.deque = collections.deque(maxlen=4096)  # late chunks of these are expected
         self._progress_busy = False  # the progress loop turns every millisecond (no wake-up needed)
         self._more_to_send = False  # host transport: a serve stopped at its per-turn chunk budget
@@ -451,6 +454,7 @@ class Endpoint:
             raise TransferError(f"request {request!r} from {peer}: link is down ({link.failed})")
         if not isinstance(request, str) or not request:
             raise TypeError(f"request must be a non-empty str id, got {request!r}")
+        self._check_request_free(peer, request)
         dst_sel = select(self.layout, dst_blocks, num_tokens, layers=layers, heads=dst_heads, destination=True)
         remote = link.remote_layout
         wire = self.wire_dtype if wire_dtype is _DEFAULT else wire_dtype
@@ -488,6 +492,7 @@ class Endpoint:
                             link.chunk_bytes, layerwise=layerwise)
         handle = TransferHandle(next(self._xfer_ids), request, peer, layerwise)
         handle._canceller = self._request_cancel
+        self._pulls_by_request[(peer, request)] = handle
         handle.stats.payload_bytes = dst_sel.cache_bytes
         handle.stats.wire_bytes = dst_sel.payload_bytes
         handle.stats.chunks = len(boxes)
@@ -501,6 +506,7 @@ class Endpoint:
         layers = (dst_sel.layer_start, dst_sel.layer_stop)
         handle = TransferHandle(next(self._xfer_ids), request, link.name, layerwise)
         handle._canceller = self._request_cancel
+        self._pulls_by_request[(link.name, request)] = handle
         stamps = handle.stats.host_stamps
         stamps["called"], stamps["validated"] = called, started
         handle.stats.payload_bytes = handle.stats.wire_bytes = dst_sel.payload_bytes
@@ -545,6 +551,17 @@ class Endpoint:
             if not self._progress_busy:
                 self._post("wake")
         return handle
+
+    def _check_request_free(self, peer: str, request: str) -> None:
+        """Refuse a request id that is still being pulled from ``peer``: the prefill side knows a
+        pull by its id (notifications, layer_ready, cancels), so two at once would mix them up."""
+        earlier = self._pulls_by_request.get((peer, request))
+        if earlier is not None and not earlier.done():
+            raise ValueError(f"request {request!r} is already being pulled from {peer}: wait for that pull or "
+                             "cancel it before pulling the same id again")
+        if len(self._pulls_by_request) >= self._prune_pulls_at:  # amortized: a pass per doubling
+            self._pulls_by_request = {key: h for key, h in self._pulls_by_request.items() if not h.done()}
+            self._prune_pulls_at = max(1024, 2 * len(self._pulls_by_request))
 
     def _take_counter(self, request: str, peer: str) -> int:
         """A layer-counter slot no pending pull uses (caller holds the launch lock)."""
@@ -891,7 +908,9 @@ class Endpoint:
         try:
             if self._hello_verifier is not None:
                 hello_nonce = self._hello_verifier.check(message["auth"], peer, message["fingerprint"])
-            check_compatible(self.layout.to_dict(), message["layout"])
+            # A link is made before any pull names its wire dtype: accept dtypes fp8 can convert
+            # between; pull() refuses such a pair without wire_dtype="fp8" before any byte moves.
+            check_compatible(self.layout.to_dict(), message["layout"], wire_dtype="fp8")
             same_dtype = message["layout"].get("dtype") == self.layout.dtype_name  # else fp8 converts (checked above)
             if same_dtype and message["fingerprint"] != self.layout.fingerprint:
                 raise ValueError(f"layout fingerprints differ: ours {self.layout.fingerprint}, theirs {message['fingerprint']}")

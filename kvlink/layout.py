@@ -207,13 +207,15 @@ class CacheLayout:
             "dtype": str(self.dtype).removeprefix("torch."), "fingerprint": self.fingerprint,
         }
 
-    def check_compatible(self, other: "CacheLayout") -> None:
+    def check_compatible(self, other: "CacheLayout", wire_dtype: str | None = None) -> None:
         """Raise ValueError naming the first field where ``other`` cannot receive our chunks.
 
-        Head counts may differ (tensor parallelism); the head ranges of each chunk are checked
-        when it is packed and unpacked.
+        Layers, K/V or MLA, head_dim and dtype must match; different dtypes only meet through
+        ``wire_dtype="fp8"`` (bf16/fp16/fp32 into another of those or an e4m3 cache). Head counts
+        may differ (tensor parallelism); the head ranges of each chunk are checked when it is
+        packed and unpacked. Block size and physical layout may differ: the kernels convert.
         """
-        check_compatible(self.to_dict(), other.to_dict())
+        check_compatible(self.to_dict(), other.to_dict(), wire_dtype=wire_dtype)
 
 
 @functools.lru_cache(maxsize=256)  # fp8 chunk headers ask for it per chunk
@@ -234,13 +236,13 @@ def dtypes_meet_through_fp8(source_dtype: str, destination_dtype: str) -> bool:
     return source_dtype in _CONVERTIBLE_SOURCES and destination_dtype in _CONVERTIBLE_DESTINATIONS
 
 
-def check_compatible(mine: dict, theirs: dict) -> None:
+def check_compatible(mine: dict, theirs: dict, wire_dtype: str | None = None) -> None:
     """Compare two :meth:`CacheLayout.to_dict` descriptions (``mine`` the source's, ``theirs`` the
-    destination's); ValueError names the first mismatch. Different dtypes are compatible when
-    fp8 on the wire can convert between them."""
+    destination's); ValueError names the first mismatch. Different dtypes are compatible only
+    with ``wire_dtype="fp8"``, when fp8 on the wire can convert between them."""
     for attr in ("num_layers", "num_kv", "head_dim", "dtype"):
         if mine.get(attr) != theirs.get(attr):
-            if attr == "dtype" and dtypes_meet_through_fp8(mine.get(attr), theirs.get(attr)):
+            if attr == "dtype" and wire_dtype == "fp8" and dtypes_meet_through_fp8(mine.get(attr), theirs.get(attr)):
                 continue
             raise ValueError(
                 f"incompatible layouts: {attr} is {mine.get(attr)} in {mine.get('name')} "

@@ -27,16 +27,18 @@ def test_fingerprint_ignores_block_size_layout_and_heads_only():
     assert a.fingerprint == b.fingerprint
     assert len({a.fingerprint, c.fingerprint, d.fingerprint}) == 3
     a.check_compatible(b)
-    a.check_compatible(c)  # bf16 -> fp16 meets through fp8 on the wire (pulls must ask for it)
+    with pytest.raises(ValueError, match="dtype is bfloat16 in vllm_flash_attn_nhd but float16"):
+        a.check_compatible(c)  # the cache's own bytes cannot land in a cache of another dtype
+    a.check_compatible(c, wire_dtype="fp8")  # bf16 -> fp16 meets through fp8 on the wire
     _, e = presets.allocate("tensorrt_llm", num_layers=2, num_blocks=9, block_size=32, num_heads=2, head_dim=128,
                             dtype=torch.int8)
     with pytest.raises(ValueError, match="dtype is bfloat16 in vllm_flash_attn_nhd but int8 in tensorrt_llm"):
         a.check_compatible(e)
     _, f = presets.allocate("tensorrt_llm", num_layers=2, num_blocks=9, block_size=32, num_heads=2, head_dim=128,
                             dtype=torch.float8_e4m3fn)
-    a.check_compatible(f)  # a bf16 prefill can fill an fp8 decode cache
+    a.check_compatible(f, wire_dtype="fp8")  # a bf16 prefill can fill an fp8 decode cache
     with pytest.raises(ValueError, match="dtype is float8_e4m3fn in tensorrt_llm but bfloat16"):
-        f.check_compatible(a)  # not the other way: e4m3 rows carry no scales to expand with
+        f.check_compatible(a, wire_dtype="fp8")  # not the other way: e4m3 rows carry no scales to expand with
     with pytest.raises(ValueError, match="num_layers is 2"):
         a.check_compatible(d)
 

@@ -108,3 +108,27 @@ def test_wait_times_out_naming_request_and_peer(prefill, decode):
         handle.wait(0.3)
     prefill.call("layer_ready", "never-ready", [0, 1, 2, 3])  # let the link move on
     handle.wait(10)
+
+
+def test_a_request_id_in_flight_is_refused_until_its_pull_ends(prefill, mirror, decode, generator):
+    """The prefill side knows a pull by its request id (notifications, layer_ready, cancels): a second
+    pull of an id still in flight on the link is refused before anything is sent; once the first
+    pull is done the id may be pulled again, and each pull is reported sent once."""
+    endpoint, peer, _, layout = decode
+    src, num_tokens = [7, 30, 11], 40
+    num_dst = -(-num_tokens // layout.block_size)
+    first_dst, second_dst = list(range(200, 200 + num_dst)), list(range(300, 300 + num_dst))
+    first = endpoint.pull(peer, "twice", src, first_dst, num_tokens, layerwise=True)  # held back by its layers
+    with pytest.raises(ValueError, match=f"request 'twice' is already being pulled from {peer}"):
+        endpoint.pull(peer, "twice", src, second_dst, num_tokens)
+    prefill.call("layer_ready", "twice", list(range(layout.num_layers)))
+    first.wait(10)
+    endpoint.pull(peer, "twice", src, second_dst, num_tokens).wait(10)
+    for dst in (first_dst, second_dst):
+        assert torch.equal(packed(layout, dst, num_tokens), packed(mirror, src, num_tokens))
+    deadline = time.time() + 10
+    confirmed = []
+    while len(confirmed) < 2 and time.time() < deadline:
+        confirmed += [c for c in prefill.call("finished_sends") if c[0] == "twice"]
+        time.sleep(0.05)
+    assert confirmed == [("twice", True), ("twice", True)]
