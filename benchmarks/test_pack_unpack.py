@@ -1,4 +1,4 @@
-"""Pack/unpack bandwidth on DESIGN.md's W1 shape, against a device-to-device copy and torch index_select.
+"""Pack/unpack bandwidth on the W1 shape (docs/design.md), against a device-to-device copy and torch index_select.
 
 W1: Llama-3-8B-shaped cache, 32 layers, 8 KV heads, head dim 128, bf16, 16-token blocks, vLLM
 FlashAttention layout ``[2, 2048, 16, 8, 128]`` per layer; 256 random blocks (4096 tokens,

@@ -17,7 +17,7 @@ log = logging.getLogger("kvlink.nccl")
 
 # NCCL settings kvlink applies unless the user set them: a 2-rank send/recv communicator needs
 # neither NVLink multicast nor the low-latency protocols' extra buffers, and with NCCL's defaults
-# one communicator takes about 1 GiB of GPU memory (DESIGN.md). Measured in benchmarks/RESULTS.md.
+# one communicator takes about 1 GiB of GPU memory (docs/design.md). Measured in benchmarks/RESULTS.md.
 NCCL_DEFAULTS = {
     "NCCL_NVLS_ENABLE": "0",
     "NCCL_PROTO": "Simple",

@@ -1,4 +1,4 @@
-"""The SGLang backend driven through SGLang's call sequence (ENGINES.md), real transfers on the host transport.
+"""The SGLang backend driven through SGLang's call sequence, real transfers on the host transport.
 
 Prefill: manager -> register_to_bootstrap; per request a sender: init -> send (once per prefill
 chunk) -> poll. Decode: a receiver: init -> send_metadata -> poll. Both poll through to Success,

@@ -1,4 +1,4 @@
-"""KVLinkConnector driven through vLLM v1's documented call sequence (ENGINES.md), real transfers on the host transport.
+"""KVLinkConnector driven through vLLM v1's documented call sequence, real transfers on the host transport.
 
 Prefill: get_num_new_matched_tokens -> build_connector_meta -> worker step (save_kv_layer per
 layer) -> request_finished (holds the blocks, returns kv_transfer_params). Decode, with those

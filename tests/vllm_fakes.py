@@ -1,6 +1,6 @@
 """The few vLLM objects the connector reads, as plain stand-ins (vLLM is not installed in CI).
 
-Only the attributes ENGINES.md documents are present, so a connector that reached for anything
+Only the attributes the engines' connector interface documents are present, so a connector that reached for anything
 else would fail here.
 """
 

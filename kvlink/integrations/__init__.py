@@ -1,4 +1,4 @@
-"""Adapters that plug kvlink into serving engines (ENGINES.md).
+"""Adapters that plug kvlink into serving engines (the README's "Serving engines" section says how to load them).
 
 - :mod:`kvlink.integrations.vllm`: ``KVLinkConnector``, a vLLM v1 KV connector
   (``kv_connector_module_path="kvlink.integrations.vllm"``).
