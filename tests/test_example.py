@@ -36,3 +36,29 @@ def test_two_gpus_colocated_and_disaggregated_tokens_are_identical(tmp_path):
     result, summary = run(tmp_path, "--device", "cuda")
     assert result.returncode == 0, result.stderr[-3000:]
     assert summary["mismatched"] == [] and summary["transport"] in ("ipc", "nccl")
+
+
+TWO_PROCESS = EXAMPLE.parent / "two_process_transfer.py"
+
+
+def run_two_process(device: str):
+    return subprocess.run([sys.executable, str(TWO_PROCESS), "--device", device], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_two_process_example_on_the_cpu():
+    """The README's endpoint example, as a program: two processes, the address handed over, every
+    token checked against the prefill's cache, the transport named in the link log."""
+    result = run_two_process("cpu")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "300 tokens x 4 layers checked, 0 wrong elements" in result.stdout
+    assert "prefill: decode has req-42 (ok=True)" in result.stdout
+    assert "transport host" in result.stderr  # logging is configured: the link says what it uses
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_two_process_example_on_one_gpu():
+    """Two processes on one GPU link over CUDA IPC."""
+    result = run_two_process("cuda:0")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "0 wrong elements" in result.stdout and "transport ipc" in result.stderr
