@@ -500,37 +500,6 @@ __global__ void __launch_bounds__(THREADS) kvlink_unpack_fp8_vec(
     }
 }
 
-#ifdef KVLINK_INSTANTIATE_ALL
-// For offline compile checks (nvcc -cubin); at run time NVRTC instantiates through name expressions.
-#define KVLINK_INSTANTIATE(VEC)                                                                      \
-    template __global__ void kvlink_pack<VEC>(const unsigned char*, const u64*, unsigned char*);      \
-    template __global__ void kvlink_unpack<VEC>(const unsigned char*, const u64*, const unsigned char*, int*); \
-    template __global__ void kvlink_copy<VEC>(const unsigned char*, const u64*, const unsigned char*, const u64*); \
-    template __global__ void kvlink_copy_inline<VEC>(const __grid_constant__ CopyParams);
-KVLINK_INSTANTIATE(16)
-KVLINK_INSTANTIATE(8)
-KVLINK_INSTANTIATE(4)
-KVLINK_INSTANTIATE(2)
-KVLINK_INSTANTIATE(1)
-template __global__ void kvlink_pack_fp8<1>(const unsigned char*, const u64*, unsigned char*);
-template __global__ void kvlink_pack_fp8<2>(const unsigned char*, const u64*, unsigned char*);
-template __global__ void kvlink_pack_fp8<3>(const unsigned char*, const u64*, unsigned char*);
-template __global__ void kvlink_unpack_fp8<1>(const unsigned char*, const u64*, const unsigned char*, int*);
-template __global__ void kvlink_unpack_fp8<2>(const unsigned char*, const u64*, const unsigned char*, int*);
-template __global__ void kvlink_unpack_fp8<3>(const unsigned char*, const u64*, const unsigned char*, int*);
-template __global__ void kvlink_unpack_fp8<5>(const unsigned char*, const u64*, const unsigned char*, int*);
-#define KVLINK_INSTANTIATE_FP8_VEC(LANES)                                                                  \
-    template __global__ void kvlink_pack_fp8_vec<1, LANES>(const unsigned char*, const u64*, unsigned char*); \
-    template __global__ void kvlink_pack_fp8_vec<2, LANES>(const unsigned char*, const u64*, unsigned char*); \
-    template __global__ void kvlink_pack_fp8_vec<3, LANES>(const unsigned char*, const u64*, unsigned char*); \
-    template __global__ void kvlink_unpack_fp8_vec<1, LANES>(const unsigned char*, const u64*, const unsigned char*, int*); \
-    template __global__ void kvlink_unpack_fp8_vec<2, LANES>(const unsigned char*, const u64*, const unsigned char*, int*); \
-    template __global__ void kvlink_unpack_fp8_vec<3, LANES>(const unsigned char*, const u64*, const unsigned char*, int*); \
-    template __global__ void kvlink_unpack_fp8_vec<5, LANES>(const unsigned char*, const u64*, const unsigned char*, int*);
-KVLINK_INSTANTIATE_FP8_VEC(1)
-KVLINK_INSTANTIATE_FP8_VEC(2)
-KVLINK_INSTANTIATE_FP8_VEC(4)
-KVLINK_INSTANTIATE_FP8_VEC(8)
-KVLINK_INSTANTIATE_FP8_VEC(16)
-KVLINK_INSTANTIATE_FP8_VEC(32)
-#endif
+// The instantiations the library compiles and launches are listed once, in
+// kvlink/kernels.py:KERNEL_NAMES (NVRTC name expressions); kvlink/compile_check.py compiles
+// every one of them offline and checks each is in the cubin.

@@ -20,7 +20,7 @@ import torch
 
 from kvlink.layout import DTYPE_CODES
 from kvlink.reference import inverse_cache_scale
-from kvlink.selection import Selection
+from kvlink.selection import FP8_DESTINATION_DTYPES, FP8_SOURCE_DTYPES, Selection
 from kvlink.wire import HEADER_CHECK_MASK
 
 import re
@@ -35,14 +35,49 @@ UNROLL = int(_defines.get("UNROLL", 4))
 CTAS_PER_SM = int(os.environ.get("KVLINK_CTAS_PER_SM", "0"))
 VEC_WIDTHS = (16, 8, 4, 2, 1)
 KERNEL_KINDS = ("pack", "unpack", "copy", "copy_inline")
-# fp8 wire kernels, instantiated per element type (kvlink.layout.DTYPE_CODES) instead of vector width
-FP8_KERNELS = {"pack_fp8": (1, 2, 3), "unpack_fp8": (1, 2, 3, 5)}
+# fp8 wire kernels, instantiated per element type (kvlink.layout.DTYPE_CODES) instead of vector width:
+# pack quantizes the caches kvlink.selection lets travel as fp8, unpack lands in those it lets receive it.
+FP8_KERNELS = {"pack_fp8": tuple(DTYPE_CODES[d] for d in FP8_SOURCE_DTYPES),
+               "unpack_fp8": tuple(DTYPE_CODES[d] for d in FP8_DESTINATION_DTYPES)}
 WARPS = THREADS // 32  # fp8 kernels: one warp per row
 # vectorized fp8 kernels: <element type, lanes per row>, 16 bytes of the cache per lane, 4 rows per thread
 FP8_VEC_LANES = (1, 2, 4, 8, 16, 32)
 FP8_ROWS = 4
-FP8_VEC_KERNELS = {f"{kind}_vec": [f"{code}, {lanes}" for code in codes for lanes in FP8_VEC_LANES]
-                   for kind, codes in FP8_KERNELS.items()}
+
+
+def _instantiations():
+    for kind in KERNEL_KINDS:
+        for vec in VEC_WIDTHS:
+            yield f"kvlink_{kind}", (vec,)
+    for kind, codes in FP8_KERNELS.items():
+        for code in codes:
+            yield f"kvlink_{kind}", (code,)
+            for lanes in FP8_VEC_LANES:
+                yield f"kvlink_{kind}_vec", (code, lanes)
+
+
+def name_expression(template: str, args: tuple[int, ...]) -> str:
+    """The C++ name of one instantiation, as NVRTC takes it: ``kvlink_pack_fp8_vec<2, 16>``."""
+    return f"{template}<{', '.join(str(int(a)) for a in args)}>"
+
+
+# THE list of kernel instantiations in csrc/pack_unpack.cu: (template, its int template arguments).
+# The launcher compiles exactly these (RawModule name_expressions) and can fetch no other
+# (kernel_name), and kvlink.compile_check compiles every one of them and checks each is in the
+# compiled code. Pure Python: importing it touches no GPU, CuPy or compiler.
+KERNEL_INSTANTIATIONS: tuple[tuple[str, tuple[int, ...]], ...] = tuple(_instantiations())
+KERNEL_NAMES: tuple[str, ...] = tuple(name_expression(t, a) for t, a in KERNEL_INSTANTIATIONS)
+_KERNEL_NAME_SET = frozenset(KERNEL_NAMES)
+assert len(_KERNEL_NAME_SET) == len(KERNEL_NAMES)
+
+
+def kernel_name(template: str, *args: int) -> str:
+    """The name expression of ``template<args...>``; LookupError unless it is in KERNEL_NAMES."""
+    name = name_expression(template, args)
+    if name not in _KERNEL_NAME_SET:
+        raise LookupError(f"{name} is not a kernel kvlink compiles (kvlink.kernels.KERNEL_NAMES)")
+    return name
+
 META_HEADER_OFFSET = 128
 META_BLOCK_IDS_OFFSET = 192
 SOURCE_NAME = "pack_unpack.cu"
@@ -110,29 +145,29 @@ def cuda_available() -> bool:
 def _module(device_index: int):
     import cupy
 
-    names = [f"kvlink_{kind}<{vec}>" for kind in KERNEL_KINDS for vec in VEC_WIDTHS]
-    names += [f"kvlink_{kind}<{code}>" for kind, codes in FP8_KERNELS.items() for code in codes]
-    names += [f"kvlink_{kind}<{args}>" for kind, arg_list in FP8_VEC_KERNELS.items() for args in arg_list]
     with cupy.cuda.Device(device_index):
         # CuPy picks the device's architecture itself.
-        module = cupy.RawModule(code=kernel_source(), options=EXTRA_OPTIONS, name_expressions=names)
+        module = cupy.RawModule(code=kernel_source(), options=EXTRA_OPTIONS, name_expressions=list(KERNEL_NAMES))
         module.compile()
     return module
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(device_index: int, kind: str, vec: int):
-    return _module(device_index).get_function(f"kvlink_{kind}<{vec}>")
+def _kernel(device_index: int, name: str):
+    """The compiled kernel ``name`` (a KERNEL_NAMES entry: the only names the module was compiled with)."""
+    if name not in _KERNEL_NAME_SET:
+        raise LookupError(f"{name} is not a kernel kvlink compiles (kvlink.kernels.KERNEL_NAMES)")
+    return _module(device_index).get_function(name)
 
 
 @functools.lru_cache(maxsize=None)
-def _function_handle(device_index: int, kind: str, vec: int) -> int | None:
+def _function_handle(device_index: int, name: str) -> int | None:
     """The kernel's CUfunction, for launches straight through the driver (None: launch through CuPy)."""
     import cupy
 
     try:
         with cupy.cuda.Device(device_index):
-            return int(_kernel(device_index, kind, vec).kernel.ptr)
+            return int(_kernel(device_index, name).kernel.ptr)
     except Exception:  # a CuPy without RawKernel.kernel.ptr
         return None
 
@@ -140,14 +175,14 @@ def _function_handle(device_index: int, kind: str, vec: int) -> int | None:
 _DRIVER_LAUNCH = [os.environ.get("KVLINK_DRIVER_LAUNCH", "1") == "1"]
 
 
-def _launch_kernel(device_index: int, kind: str, vec: int, grid: int, args: tuple[int, ...], stream) -> None:
+def _launch_kernel(device_index: int, name: str, grid: int, args: tuple[int, ...], stream) -> None:
     """Launch on ``stream`` (the caller holds ``device_index`` current).
 
     NOTE: through cuLaunchKernel directly when possible: CuPy's launch path (device and stream
     context managers, argument boxing) costs tens of microseconds a call from Python, the same
     order as a small request's whole transfer.
     """
-    function = _function_handle(device_index, kind, vec) if _DRIVER_LAUNCH[0] else None
+    function = _function_handle(device_index, name) if _DRIVER_LAUNCH[0] else None
     if function is not None:
         from kvlink import cuda_driver
         try:
@@ -158,7 +193,7 @@ def _launch_kernel(device_index: int, kind: str, vec: int, grid: int, args: tupl
     import cupy
 
     with cupy.cuda.Device(device_index), _cupy_stream(stream, device_index):
-        _kernel(device_index, kind, vec)((grid,), (THREADS,), tuple(np.uint64(a) for a in args))
+        _kernel(device_index, name)((grid,), (THREADS,), tuple(np.uint64(a) for a in args))
 
 
 def _layout_facts(layout) -> dict:
@@ -394,15 +429,8 @@ def _cupy_stream(stream: torch.cuda.Stream, device_index: int):
 def prepare(layout, stream: torch.cuda.Stream) -> None:
     """One-time setup off the critical path: compile the kernels, upload the plane table, make the stream's metadata ring."""
     device_index = layout.device.index
-    for kind in KERNEL_KINDS:
-        for vec in VEC_WIDTHS:
-            _kernel(device_index, kind, vec)
-    for kind, codes in FP8_KERNELS.items():
-        for code in codes:
-            _kernel(device_index, kind, code)
-    for kind, arg_list in FP8_VEC_KERNELS.items():
-        for args in arg_list:
-            _kernel(device_index, kind, args)
+    for name in KERNEL_NAMES:
+        _kernel(device_index, name)
     _plane_table(layout)
     key = (device_index, stream.cuda_stream)
     if key not in _RINGS:
@@ -419,30 +447,43 @@ def launch(kind: str, sel: Selection, chunk: torch.Tensor, stream: torch.cuda.St
     """
     device_index = sel.layout.device.index
     own_status = kind == "unpack" and status is None
-    if sel.wire_fp8:
-        geometry, num_rows = _fp8_geometry(sel, own_status, cache_scale)
-        lanes = _fp8_vectorized(sel, chunk.data_ptr())
-        if max_ctas:
-            max_ctas *= 2  # NOTE: quantizing is arithmetic per element: twice the SM budget of a plain copy
-        if lanes:  # template arguments: the cache's element type, lanes per row
-            vec = f"{DTYPE_CODES[sel.layout.dtype]}, {lanes}"
-            kind, num_tiles = f"{kind}_fp8_vec", -(-num_rows // (THREADS // lanes * FP8_ROWS))
-        else:  # the template argument: the cache's element type
-            vec = DTYPE_CODES[sel.layout.dtype]
-            kind, num_tiles = f"{kind}_fp8", -(-num_rows // WARPS)
-    else:
-        geometry, vec, num_tiles = _geometry(sel, chunk.data_ptr(), own_status)
+    name, geometry, num_tiles = _launch_plan(kind, sel, chunk.data_ptr(), own_status, cache_scale)
+    if sel.wire_fp8 and max_ctas:
+        max_ctas *= 2  # NOTE: quantizing is arithmetic per element: twice the SM budget of a plain copy
     with _on_device(device_index):
         meta_address, _keep_alive = _upload_metadata(sel, geometry, header, stream)
         planes_ptr = _plane_table(sel.layout).data_ptr() + 8 * sel.first_plane
         args = [meta_address, planes_ptr, chunk.data_ptr()]
-        if kind.startswith("unpack"):
+        if kind == "unpack":
             if own_status:
                 status = torch.empty(1, dtype=torch.int32, device=sel.layout.device)
                 status.record_stream(stream)  # may be allocated for another stream; keep it until ours is done
             args.append(status.data_ptr())
-        _launch_kernel(device_index, kind, vec, _grid(sel, num_tiles, max_ctas), tuple(args), stream)
+        _launch_kernel(device_index, name, _grid(sel, num_tiles, max_ctas), tuple(args), stream)
     return status
+
+
+def _launch_plan(kind: str, sel: Selection, chunk_ptr: int, own_status: bool,
+                 cache_scale: float = 1.0) -> tuple[str, bytes, int]:
+    """(kernel name, Geometry record, work items for the grid) of a pack/unpack launch; pure Python."""
+    if kind not in ("pack", "unpack"):
+        raise ValueError(f"kind must be 'pack' or 'unpack', got {kind!r}")
+    if sel.wire_fp8:
+        geometry, num_rows = _fp8_geometry(sel, own_status, cache_scale)
+        lanes = _fp8_vectorized(sel, chunk_ptr)
+        code = DTYPE_CODES[sel.layout.dtype]
+        if lanes:  # template arguments: the cache's element type, lanes per row
+            return (kernel_name(f"kvlink_{kind}_fp8_vec", code, lanes), geometry,
+                    -(-num_rows // (THREADS // lanes * FP8_ROWS)))
+        # the template argument: the cache's element type
+        return kernel_name(f"kvlink_{kind}_fp8", code), geometry, -(-num_rows // WARPS)
+    geometry, vec, num_tiles = _geometry(sel, chunk_ptr, own_status)
+    return kernel_name(f"kvlink_{kind}", vec), geometry, num_tiles
+
+
+def _copy_kernel(vec: int, inline: bool) -> str:
+    """The copy kernel for ``vec``-byte vectors: metadata as launch parameters (inline) or uploaded."""
+    return kernel_name("kvlink_copy_inline" if inline else "kvlink_copy", vec)
 
 
 def _inline_copy_params(src_meta: bytes, dst_meta: bytes, src_planes: int, dst_planes: int) -> bytes | None:
@@ -470,7 +511,8 @@ def launch_copy(src: Selection, dst: Selection, stream: torch.cuda.Stream, *, ma
     dst_planes = _plane_table(dst.layout).data_ptr() + 8 * dst.first_plane
     grid = _grid(dst, num_tiles, max_ctas)
     params = _inline_copy_params(src_meta, dst_meta, src_planes, dst_planes)
-    function = _function_handle(device_index, "copy_inline", vec) if params is not None and _DRIVER_LAUNCH[0] else None
+    function = _function_handle(device_index, _copy_kernel(vec, inline=True)) \
+        if params is not None and _DRIVER_LAUNCH[0] else None
     if stamps is not None:
         stamps["geometry"] = time.perf_counter()
     with _on_device(device_index):
@@ -480,7 +522,7 @@ def launch_copy(src: Selection, dst: Selection, stream: torch.cuda.Stream, *, ma
         else:
             meta_address, _keep_alive = _upload(src_meta + dst_meta, dst.layout.device, stream)
             args = (meta_address, src_planes, meta_address + len(src_meta), dst_planes)
-            _launch_kernel(device_index, "copy", vec, grid, args, stream)
+            _launch_kernel(device_index, _copy_kernel(vec, inline=False), grid, args, stream)
     if stamps is not None:
         stamps["launch"] = time.perf_counter()
 
