@@ -23,11 +23,14 @@ def run(benchmark, record, args, tmp_path):
     raw = {r["tokens"]: r["GBps"] for r in report["records"] if r["method"] == "raw"}
     for r in report["records"]:
         base = raw.get(r["tokens"] * r.get("concurrent", 1))
+        rate = r["GBps"]  # None for the layer-wise case: its time is the tail after the last layer_ready()
         record(case=f"{report['backend']}: {r['method']} {r['tokens']} tok", bytes=r["bytes"], time_us=r["time_us"],
-               GBps=r["GBps"], vs_copy=(r["GBps"] / base) if base and r["method"] != "raw" and r["GBps"] > 0 else float("nan"),
+               GBps=float("nan") if rate is None else rate,
+               vs_copy=rate / base if base and r["method"] != "raw" and rate else float("nan"),
                verified=r["verified"])
     benchmark.extra_info.update(records=report["records"], memory=report["memory"])
     assert rc == 0, "the transfer benchmark failed or received wrong bytes"
+    assert report["verified"] and all(r["verified"] for r in report["records"])
 
 
 def test_transfer_host(benchmark, record, tmp_path):

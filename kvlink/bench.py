@@ -17,11 +17,19 @@ for each size measures, in the same run:
   unpack, pipelined), or the host path;
 - ``raw``: one send/recv of the same number of contiguous bytes, the sender already waiting
   (NCCL on GPUs, ZeroMQ on the host path): the wire's own time;
-- ``naive``: gather with torch (index_select per layer) -> one send -> scatter with torch.
+- ``naive``: gather with torch (index_select per layer) -> one send -> scatter with torch;
+- ``kvlink xN``: N kvlink pulls in flight at once (``--concurrent``), timed until the last is done;
+- ``kvlink layerwise``: a layer-wise pull whose prefill side calls ``layer_ready()`` layer by
+  layer; reported as the time from the last ``layer_ready()`` to completion (no GB/s).
 
-Every received byte is checked against the sender's cache, rebuilt on the decode side from the
-seed (nothing is copied across for checking); the exit code is 1 on any wrong byte. It prints
-an nccl-tests-style table, and writes ``--json`` records and a ``--plot`` PNG.
+Every case runs ``--warmup`` untimed and ``--iters`` timed iterations; it is reported as the
+median with the min, p10, p90 and max (:func:`kvlink.timing.spread`). Every received byte is
+checked against the sender's cache, rebuilt on the decode side from the seed (nothing is copied
+across for checking); the exit code is 1 on any wrong byte. One progress line per case goes to
+stderr as it finishes; at the end an nccl-tests-style table with a legend (what each method
+measures, what the columns are) goes to stdout, ``--json`` gets one record per case
+(:func:`make_record`) and ``--plot`` a PNG of bandwidth and time against size (it needs
+matplotlib, ``pip install 'kvlink[plot]'``, and the run stops at once without it).
 """
 
 from __future__ import annotations
@@ -38,51 +46,89 @@ import time
 
 import torch
 
+from kvlink.timing import spread
+
 MiB = 1 << 20
+LAYER_GAP_S = 0.002  # layer-wise case: the prefill side's pause between two layer_ready() calls
 
 
 # ------------------------------------------------------------------------------------- setup
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="kvlink-bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+PLOT_HINT = "pip install 'kvlink[plot]'"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line. Defaults that differ between two GPUs (W1) and the host path are stated once, in the help."""
+    p = argparse.ArgumentParser(
+        prog="kvlink-bench", description=__doc__.split("\n\n")[0],
+        epilog="Where two defaults are given, the first is for two GPUs (the W1 shape of docs/design.md) and the second "
+               "for the host path (CPU only, TCP on loopback).")
     p.add_argument("--backend", choices=("auto", "nccl", "host"), default="auto",
-                   help="the baselines' wire: auto = NCCL when two GPUs are visible, else the host (TCP) path")
+                   help="the baselines' wire and the machine: nccl = two GPUs, host = CPU processes over TCP; "
+                        "auto (default) = nccl when two GPUs and NCCL are available, else host")
     p.add_argument("--transport", choices=("auto", "ipc", "nccl", "host"), default="auto",
-                   help="kvlink's link between the two GPUs: auto = CUDA IPC on one host, else NCCL")
-    p.add_argument("--layers", type=int, default=None, help="default 32 (GPU) / 4 (host path)")
-    p.add_argument("--kv-heads", type=int, default=None, help="default 8 (GPU) / 4 (host path)")
-    p.add_argument("--head-dim", type=int, default=None, help="default 128 (GPU) / 64 (host path)")
-    p.add_argument("--block-size", type=int, default=16)
+                   help="kvlink's own link. On two GPUs: auto (default) = CUDA IPC when both are on one host, "
+                        "else NCCL; ipc and nccl force one. On the host path only auto or host (TCP) is allowed")
+    p.add_argument("--layers", type=int, default=None, help="layers in each cache (default 32 / 4)")
+    p.add_argument("--kv-heads", type=int, default=None, help="KV heads in each cache (default 8 / 4)")
+    p.add_argument("--head-dim", type=int, default=None,
+                   help="head dimension, or the latent width of an MLA layout (default 128 / 64)")
+    p.add_argument("--block-size", type=int, default=16,
+                   help="tokens per block of the prefill cache, and of the decode cache unless "
+                        "--dst-block-size (default 16)")
     p.add_argument("--num-blocks", type=int, default=None, help="blocks in each side's cache (default 2048 / 512)")
     p.add_argument("--tokens", type=int, nargs="+", default=None,
-                   help="request sizes (default 16 128 512 1024 4096 / 16 256 2048)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--layout", default="vllm_flash_attn_nhd", help="preset of both caches (kvlink.presets.PRESETS)")
+                   help="request sizes in tokens, one case each (default 16 128 512 1024 4096 / 16 256 2048)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="element type of both caches (default bfloat16)")
+    p.add_argument("--layout", default="vllm_flash_attn_nhd",
+                   help="preset of both caches, one of kvlink.presets.PRESETS (default vllm_flash_attn_nhd)")
     p.add_argument("--src-layout", default=None, help="the prefill cache's preset (default --layout)")
     p.add_argument("--dst-layout", default=None, help="the decode cache's preset (default --layout)")
-    p.add_argument("--dst-block-size", type=int, default=None, help="the decode cache's tokens per block (default --block-size)")
+    p.add_argument("--dst-block-size", type=int, default=None,
+                   help="the decode cache's tokens per block (default --block-size)")
     p.add_argument("--wire-dtype", choices=("none", "fp8"), default="none",
                    help="fp8: kvlink pulls quantize to e4m3 with a scale per token and head (lossy; checked "
-                        "against the reference conversion); needs --transport nccl on GPUs")
-    p.add_argument("--prefill-tp", type=int, default=1, help="prefill ranks (one process and GPU each)")
-    p.add_argument("--decode-tp", type=int, default=1, help="decode ranks (one process and GPU each)")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--methods", default="kvlink,raw,naive", help="comma-separated subset of kvlink,raw,naive")
+                        "against the reference conversion); needs --transport nccl on GPUs (default none)")
+    p.add_argument("--prefill-tp", type=int, default=1, help="prefill ranks, one process (and GPU) each (default 1)")
+    p.add_argument("--decode-tp", type=int, default=1, help="decode ranks, one process (and GPU) each (default 1)")
+    p.add_argument("--iters", type=int, default=20,
+                   help="timed iterations of every case; the table reports their median, min and max (default 20)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed iterations before the timed ones of every case (default 3)")
+    p.add_argument("--methods", default="kvlink,raw,naive",
+                   help="comma-separated subset of kvlink,raw,naive (default all three)")
     p.add_argument("--concurrent", type=int, default=None,
                    help="requests in flight in the concurrency case, 0 skips it (default 64 / 8)")
-    p.add_argument("--concurrent-tokens", type=int, default=None, help="tokens per concurrent request (default 512 / 256)")
-    p.add_argument("--layerwise", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure the layer-wise case (layers submitted one by one)")
-    p.add_argument("--chunk-mb", type=int, default=None, help="staging chunk size (default: kvlink's)")
-    p.add_argument("--max-ctas", type=int, default=None, help="thread blocks for pack/unpack during transfers")
-    p.add_argument("--seed", type=int, default=2026)
-    p.add_argument("--json", default=None, help="write one record per (method, size) here")
-    p.add_argument("--plot", default=None, help="write a bandwidth plot (PNG) here")
-    p.add_argument("--timeout", type=float, default=60.0)
-    p.add_argument("--profile", default=None,
-                   help="directory for torch.profiler traces (prefill.json, decode.json) of one pull of the largest size")
+    p.add_argument("--concurrent-tokens", type=int, default=None,
+                   help="tokens per concurrent request (default 512 / 256)")
+    layerwise = p.add_argument("--layerwise", action=argparse.BooleanOptionalAction, default=True)
+    # set after construction: some Pythons' BooleanOptionalAction append their own "(default: True)"
+    layerwise.help = ("measure the layer-wise case: the prefill side submits the layers one by one, and the time "
+                      "from the last layer_ready() to completion is reported (default on; --no-layerwise skips it)")
+    p.add_argument("--chunk-mb", type=int, default=None, help="staging chunk size in MiB (default kvlink's own)")
+    p.add_argument("--max-ctas", type=int, default=None,
+                   help="thread blocks for pack/unpack during transfers (default kvlink's own)")
+    p.add_argument("--seed", type=int, default=2026,
+                   help="seed of the caches' contents and of the block choices (default 2026)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="write the run's settings and one record per case (method, size) here")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="write a PNG here: bandwidth and time against request size, every case, min-max bars; "
+                        f"needs matplotlib: {PLOT_HINT}")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds any one transfer or handshake may take before the run fails (default 60)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="directory for torch.profiler traces (prefill.json, decode.json) of one pull of the "
+                        "largest size")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.plot:  # asked for a file: fail now, before minutes of benchmark, if it cannot be written
+        if not plotting_available():
+            p.error(f"--plot needs matplotlib, which is not installed: {PLOT_HINT} (or pip install matplotlib)")
     from kvlink import presets
     args.src_layout = args.src_layout or args.layout
     args.dst_layout = args.dst_layout or args.layout
@@ -97,7 +143,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         (args.dst_block_size, "--dst-block-size")):
         if value <= 0:
             p.error(f"{name} must be positive, got {value}")
-    # The W1 shape (DESIGN.md) on GPUs; a shape a small CPU-only machine moves in seconds on the host path.
+    # The W1 shape (docs/design.md) on GPUs; a shape a small CPU-only machine moves in seconds on the host path.
     args.backend = pick_backend(args.backend)
     if args.backend == "host" and args.transport not in ("auto", "host"):
         p.error(f"--transport {args.transport} needs GPUs; the host path links over TCP")
@@ -117,6 +163,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         (args.block_size, "--block-size"), (args.num_blocks, "--num-blocks"), (args.iters, "--iters")):
         if value <= 0:
             p.error(f"{name} must be positive, got {value}")
+    if args.warmup < 0:
+        p.error(f"--warmup must not be negative, got {args.warmup}")
     if args.src_layout in presets.MLA_PRESETS:
         args.kv_heads = 1  # MLA's latent: --head-dim is its width
     if args.wire_dtype and args.backend == "nccl" and args.transport in ("auto", "ipc"):
@@ -186,6 +234,72 @@ def pattern(nbytes: int, seed: int, device: str) -> torch.Tensor:
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
+
+
+def share_cpus(processes: int) -> None:
+    """On the host path every side is a process of one machine: give each its share of the cores.
+
+    Left alone, each process's torch starts a thread per core, and on a small machine their
+    spinning threads contend for the cores (the naive baseline's gathers went 50x slower on two
+    cores); separate machines would each have their own.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // processes))
+
+
+# ------------------------------------------------------------------------------------- records
+def make_record(method: str, tokens: int, nbytes: int, seconds: list[float], wrong_bytes: int, *, warmup: int,
+                completed: bool = True, rate: bool = True, **extra) -> dict:
+    """One case's JSON record, built the same way by kvlink.bench and kvlink.bench_tp.
+
+    ``seconds`` are the timed iterations (after ``warmup`` untimed ones). ``time_us`` is their
+    median, ``time_min_us``/``time_p10_us``/``time_p90_us``/``time_max_us`` their spread and
+    ``samples_us`` all of them; ``GBps`` is ``bytes`` over the median time (``GBps_min`` and
+    ``GBps_max`` over the slowest and the fastest iteration), or None for a case that is no
+    transfer rate (``rate=False``: the layer-wise tail). ``verified`` is True iff the transfer
+    completed and no received byte was wrong.
+    """
+    s = spread(seconds)
+    record = dict(method=method, tokens=tokens, bytes=nbytes, iters=s.n, warmup=warmup,
+                  time_us=s.median_us, time_min_us=s.min_us, time_p10_us=s.p10_us, time_p90_us=s.p90_us,
+                  time_max_us=s.max_us,
+                  GBps=nbytes / s.median_us / 1e3 if rate else None,
+                  GBps_min=nbytes / s.max_us / 1e3 if rate else None,
+                  GBps_max=nbytes / s.min_us / 1e3 if rate else None,
+                  verified=bool(completed and wrong_bytes == 0), wrong_bytes=int(wrong_bytes))
+    record.update(extra)
+    record["samples_us"] = s.samples_us
+    return record
+
+
+def progress_line(record: dict, done: int | None = None, total: int | None = None) -> str:
+    """One line per finished case, for stderr while the run goes on."""
+    count = f"[{done:>{len(str(total))}}/{total}] " if done is not None and total else ""
+    rate = f"{fmt_rate(record['GBps']):>8} GB/s" if record.get("GBps") is not None else f"{'':>8} (after last layer)"
+    extra = "".join(f" {k}={v:.0f}" for k, v in record.items()
+                    if k.endswith("_us") and not k.startswith("time_") and isinstance(v, (int, float)))
+    return (f"  {count}{record['method']:<16} {record['tokens']:>7} tokens {record['bytes'] / MiB:>9.2f} MiB "
+            f"{record['time_us']:>10.1f} us (min {record['time_min_us']:.1f}, max {record['time_max_us']:.1f}) "
+            f"{rate}  wrong={record['wrong_bytes']}{extra}")
+
+
+def fmt_rate(gbps: float | None) -> str:
+    """GB/s for the table: two decimals, or three significant digits below 1 (no "0.00" for a slow case)."""
+    if gbps is None:
+        return "-"
+    return f"{gbps:.2f}" if gbps >= 1 else f"{gbps:.3g}"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def plotting_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------- the raw link
@@ -269,6 +383,8 @@ def prefill_main(args, backend: str, conn, results) -> None:
     device = "cuda:0" if backend == "nccl" else "cpu"
     if backend == "nccl":
         torch.cuda.set_device(0)
+    else:
+        share_cpus(2)
     try:
         engine, layout = build_cache(args, args.seed, device)
         chunk_bytes = args.chunk_mb * MiB if args.chunk_mb else None
@@ -334,16 +450,31 @@ def prefill_main(args, backend: str, conn, results) -> None:
 
 
 # ------------------------------------------------------------------------------------- decode
-class Recorder:
-    def __init__(self, results):
-        self.results = results
+def planned_cases(args) -> int:
+    """How many records a run of the main benchmark makes (for its progress lines)."""
+    same_layout = args.src_layout == args.dst_layout and args.block_size == args.dst_block_size
+    count = 0
+    if "raw" in args.methods:
+        concurrent_total = args.concurrent * args.concurrent_tokens  # raw also sends the concurrency case's total
+        count += len(args.tokens) + bool(args.concurrent and concurrent_total not in args.tokens)
+    if "naive" in args.methods and same_layout:
+        count += len(args.tokens)
+    if "kvlink" in args.methods:
+        count += len(args.tokens) + bool(args.concurrent) + bool(args.layerwise)
+    return count
 
-    def add(self, **record) -> None:
+
+class Recorder:
+    """Sends each case's record to the parent and prints a progress line as it finishes."""
+
+    def __init__(self, results, warmup: int, total: int):
+        self.results, self.warmup, self.total, self.done = results, warmup, total, 0
+
+    def add(self, method: str, tokens: int, nbytes: int, seconds: list[float], wrong_bytes: int, **extra) -> None:
+        record = make_record(method, tokens, nbytes, seconds, wrong_bytes, warmup=self.warmup, **extra)
+        self.done += 1
         self.results.put(("record", record))
-        extra = "".join(f" {k}={v:.0f}" for k, v in record.items() if k.endswith("_us") and k != "time_us")
-        print(f"  {record['method']:<16} {record['tokens']:>7} tokens {record['bytes'] / MiB:>9.2f} MiB "
-              f"{record['time_us']:>10.1f} us {record['GBps']:>8.2f} GB/s  wrong={record['wrong_bytes']}{extra}",
-              file=sys.stderr, flush=True)
+        print(progress_line(record, self.done, self.total), file=sys.stderr, flush=True)
 
 
 def decode_main(args, backend: str, conn, results) -> None:
@@ -353,7 +484,9 @@ def decode_main(args, backend: str, conn, results) -> None:
     device = "cuda:1" if backend == "nccl" else "cpu"
     if backend == "nccl":
         torch.cuda.set_device(1)
-    recorder = Recorder(results)
+    else:
+        share_cpus(2)
+    recorder = Recorder(results, args.warmup, planned_cases(args))
     try:
         _, mirror = build_cache(args, args.seed, device)           # the prefill cache's bytes, for checking
         dst_engine, layout = build_cache(args, args.seed + 1, device, side="dst")
@@ -429,9 +562,7 @@ def decode_main(args, backend: str, conn, results) -> None:
                     if i >= args.warmup:
                         times.append(elapsed)
                     wrong += int((buffer != expected).sum().item())
-                t = statistics.median(times)
-                recorder.add(method="raw", tokens=num_tokens, bytes=nbytes, time_us=t * 1e6, GBps=nbytes / t / 1e9,
-                             verified=wrong == 0, wrong_bytes=wrong)
+                recorder.add("raw", num_tokens, nbytes, times, wrong)
         same_layout = args.src_layout == args.dst_layout and args.block_size == args.dst_block_size
         if "naive" in args.methods and not same_layout:
             print("naive baseline skipped: it copies whole blocks, so it needs one layout and block size on both sides",
@@ -457,9 +588,7 @@ def decode_main(args, backend: str, conn, results) -> None:
                     if i >= args.warmup:
                         times.append(elapsed)
                     wrong += wrong_bytes(src, dst, num_tokens)
-                t = statistics.median(times)
-                recorder.add(method="naive", tokens=num_tokens, bytes=num_tokens * token_bytes, time_us=t * 1e6,
-                             GBps=num_tokens * token_bytes / t / 1e9, verified=wrong == 0, wrong_bytes=wrong)
+                recorder.add("naive", num_tokens, num_tokens * token_bytes, times, wrong)
         print("phase: kvlink", file=sys.stderr, flush=True)
         free_before = torch.cuda.mem_get_info(1)[0] if backend == "nccl" else 0
         reserved_before = torch.cuda.memory_reserved(1) if backend == "nccl" else 0
@@ -492,11 +621,9 @@ def decode_main(args, backend: str, conn, results) -> None:
                             stages[-1]["pull_wall_us"] = (stamps["recorded"] - stamps["called"]) * 1e6
                             stages[-1]["pull_cpu_us"] = handle.stats.pull_cpu_seconds * 1e6
                     wrong += wrong_bytes(src, dst, num_tokens, args.wire_dtype)
-                t = statistics.median(times)
-                recorder.add(method="kvlink", tokens=num_tokens, bytes=num_tokens * token_bytes, time_us=t * 1e6,
-                             GBps=num_tokens * token_bytes / t / 1e9, verified=wrong == 0, wrong_bytes=wrong,
-                             transport=transport, wire_bytes=handle.stats.wire_bytes, wire_dtype=args.wire_dtype,
-                             chunks=handle.stats.chunks, decode_enqueue_us=statistics.median(enqueue) * 1e6,
+                recorder.add("kvlink", num_tokens, num_tokens * token_bytes, times, wrong, transport=transport,
+                             wire_bytes=handle.stats.wire_bytes, wire_dtype=args.wire_dtype, chunks=handle.stats.chunks,
+                             decode_enqueue_us=statistics.median(enqueue) * 1e6,
                              prefill_enqueue_us=statistics.median(sender_enqueue) * 1e6,
                              **{key: statistics.median(s.get(key, 0.0) for s in stages) for key in stages[0]} if stages else {})
 
@@ -519,7 +646,7 @@ def decode_main(args, backend: str, conn, results) -> None:
             if args.concurrent:
                 n, num_tokens = args.concurrent, args.concurrent_tokens
                 times, wrong = [], 0
-                for rep in range(max(2, args.iters // 4) + 1):
+                for rep in range(args.warmup + args.iters):
                     perm_src = torch.randperm(args.num_blocks, generator=rng)
                     perm_dst = torch.randperm(args.dst_num_blocks, generator=rng)
                     per_src, per_dst = -(-num_tokens // args.block_size), -(-num_tokens // args.dst_block_size)
@@ -529,32 +656,29 @@ def decode_main(args, backend: str, conn, results) -> None:
                     handles = [endpoint.pull(peer, f"c{rep}-{k}", s, d, num_tokens) for k, (s, d) in enumerate(reqs)]
                     for h in handles:
                         h.wait(args.timeout)
-                    if rep > 0:
+                    if rep >= args.warmup:
                         times.append(time.perf_counter() - t0)
                     wrong += sum(wrong_bytes(s, d, num_tokens, args.wire_dtype) for s, d in reqs)
-                t = statistics.median(times)
-                total = n * num_tokens * token_bytes
-                recorder.add(method=f"kvlink x{n}", tokens=num_tokens, bytes=total, time_us=t * 1e6,
-                             GBps=total / t / 1e9, verified=wrong == 0, wrong_bytes=wrong, concurrent=n,
+                recorder.add(f"kvlink x{n}", num_tokens, n * num_tokens * token_bytes, times, wrong, concurrent=n,
                              transport=transport)
 
             # ---- layer-wise: prefill submits the layers one by one
             if args.layerwise:
                 num_tokens = max(args.tokens)
                 tails, wrong = [], 0
-                for rep in range(3):
+                for rep in range(args.warmup + args.iters):
                     src, dst = blocks(num_tokens)
                     handle = endpoint.pull(peer, f"lw{rep}", src, dst, num_tokens, layerwise=True)
-                    conn.send(("layerwise", f"lw{rep}", 0.002))
+                    conn.send(("layerwise", f"lw{rep}", LAYER_GAP_S))
                     handle.wait(args.timeout)
                     done = time.perf_counter()
-                    _, submitted = conn.recv()
-                    tails.append(done - submitted[-1])
+                    _, submitted = conn.recv()  # perf_counter is one clock for every process of the machine
+                    if rep >= args.warmup:
+                        tails.append(done - submitted[-1])
                     wrong += wrong_bytes(src, dst, num_tokens, args.wire_dtype)
-                t = statistics.median(tails)
-                recorder.add(method="kvlink layerwise", tokens=num_tokens, bytes=num_tokens * token_bytes,
-                             time_us=t * 1e6, GBps=0.0, verified=wrong == 0, wrong_bytes=wrong,
-                             note="time from the last layer_ready() to completion", transport=transport,
+                recorder.add("kvlink layerwise", num_tokens, num_tokens * token_bytes, tails, wrong, rate=False,
+                             note="time_us: from the prefill's last layer_ready() to the pull's completion; "
+                                  "no GB/s", transport=transport, layer_gap_us=LAYER_GAP_S * 1e6,
                              layer_bytes=num_tokens * token_bytes // args.layers)
 
             if backend == "nccl":
@@ -581,20 +705,78 @@ def decode_main(args, backend: str, conn, results) -> None:
 
 
 # ------------------------------------------------------------------------------------- report
-def table(records: list[dict], memory: dict | None) -> str:
+def describe_methods(records: list[dict], args) -> dict[str, str]:
+    """What each method in ``records`` measures, in the words the table's legend and the JSON use."""
+    wire = ("NCCL send/recv between the two GPUs" if args.backend == "nccl"
+            else "a ZeroMQ socket over TCP on loopback")
+    transports = ", ".join(sorted({r["transport"] for r in records if r.get("transport")})) or "-"
+    fp8 = "; fp8 (e4m3) on the wire" if args.wire_dtype else ""
+    out = {}
+    for r in records:
+        method = r["method"]
+        if method in out:
+            continue
+        if method == "raw":
+            out[method] = (f"the same number of bytes as one contiguous send/recv over the same wire ({wire}), "
+                           f"the sender already posted: the wire's own time, no gather or scatter")
+        elif method == "naive":
+            out[method] = ("gather the blocks with torch (index_select per layer plane) -> one send over raw's wire "
+                           "-> scatter with torch (index_copy_), timed from the request to the last scatter")
+        elif method == "kvlink":
+            out[method] = (f"kvlink.Endpoint.pull() on the decode side until the pull completes, one request at a "
+                           f"time (transport {transports}{fp8})")
+        elif method.startswith("kvlink x"):
+            out[method] = (f"{r.get('concurrent')} pulls of {r['tokens']} tokens in flight at once, timed until the "
+                           f"last completes; size and GB/s count all of them, vs raw is against one raw send of "
+                           f"that total")
+        elif method == "kvlink layerwise":
+            out[method] = (f"a layer-wise pull: the prefill side calls layer_ready() for each of its {args.layers} "
+                           f"layers, {LAYER_GAP_S * 1e3:g} ms apart; time(us) runs from the last layer_ready() to "
+                           f"the pull's completion (the tail left after the forward pass), so no GB/s")
+    return out
+
+
+def timing_note(records: list[dict]) -> str:
+    """The statement of what the time columns are: medians of how many iterations after how many warm-ups."""
+    counts = sorted({(r["iters"], r["warmup"]) for r in records})
+    if len(counts) == 1:
+        (iters, warmup), = counts
+        how = (f"the median of {plural(iters, 'timed iteration')} after {plural(warmup, 'untimed warm-up')}, "
+               f"in every case")
+    else:  # not the main benchmark's own: its cases all run --warmup + --iters
+        how = "the median of each case's timed iterations after its warm-ups (JSON: iters, warmup)"
+    return (f"time(us) = {how}; min/max = the fastest and the slowest of those iterations; "
+            f"GB/s = size / median time")
+
+
+def legend_lines(descriptions: dict[str, str], records: list[dict], extra: tuple[str, ...] = ()) -> list[str]:
+    """The table's legend: one line per method, then what the columns mean."""
+    width = max([len(m) for m in descriptions] + [6])
+    lines = [f"# {method:<{width}} = {text}" for method, text in descriptions.items()]
+    if records:
+        lines.append("# " + timing_note(records))
+    lines += [f"# {line}" for line in extra]
+    return lines
+
+
+def table(records: list[dict], memory: dict | None, legend: list[str] = ()) -> str:
     raw = {r["tokens"]: r for r in records if r["method"] == "raw"}
     transports = sorted({r["transport"] for r in records if r.get("transport")})
-    lines = [f"{'method':<18} {'tokens':>7} {'size(B)':>12} {'time(us)':>10} {'GB/s':>8} {'vs raw':>7} {'#wrong':>7}"]
+    width = max([len(r["method"]) for r in records] + [16])
+    lines = [f"{'method':<{width}} {'tokens':>7} {'size(B)':>12} {'time(us)':>10} {'min(us)':>10} {'max(us)':>10} "
+             f"{'GB/s':>8} {'vs raw':>7} {'#wrong':>7}"]
     for r in records:
-        base = raw.get(r["tokens"]) if r["method"] != "kvlink layerwise" else None
-        if r["method"].startswith("kvlink x"):
-            base = raw.get(r.get("concurrent", 0) * r["tokens"])
-        ratio = f"{r['GBps'] / base['GBps']:.3f}" if base and base["GBps"] and r["method"] != "raw" else "-"
-        lines.append(f"{r['method']:<18} {r['tokens']:>7} {r['bytes']:>12} {r['time_us']:>10.1f} {r['GBps']:>8.2f} "
-                     f"{ratio:>7} {r['wrong_bytes']:>7}")
+        base = raw.get(r["tokens"] * r.get("concurrent", 1))
+        ratio = (f"{r['GBps'] / base['GBps']:.3f}" if base and base["GBps"] and r["GBps"] is not None
+                 and r["method"] != "raw" else "-")
+        rate = fmt_rate(r["GBps"])
+        lines.append(f"{r['method']:<{width}} {r['tokens']:>7} {r['bytes']:>12} {r['time_us']:>10.1f} "
+                     f"{r['time_min_us']:>10.1f} {r['time_max_us']:>10.1f} {rate:>8} {ratio:>7} {r['wrong_bytes']:>7}")
     wrong = sum(r["wrong_bytes"] for r in records)
-    lines.append(f"# {len(records)} cases, {wrong} wrong bytes" +
+    verified = sum(bool(r["verified"]) for r in records)
+    lines.append(f"# {len(records)} cases, {verified} verified, {wrong} wrong bytes" +
                  (f"; kvlink's link: transport {', '.join(transports)}" if transports else ""))
+    lines += list(legend)
     if memory:
         per_side = max(memory["decode_nccl_bytes_now"], memory["decode_nccl_bytes_at_init"]) + memory["decode_staging_bytes"]
         lines.append(f"# GPU memory per link ({memory.get('transport', 'nccl')}), decode side: NCCL {memory['decode_nccl_bytes_at_init'] / MiB:.0f} MiB at init, "
@@ -604,30 +786,100 @@ def table(records: list[dict], memory: dict | None) -> str:
     return "\n".join(lines)
 
 
+# One colour and marker per method; methods not named here take the next unused pair.
+PLOT_STYLES = {"raw": ("tab:gray", "s"), "naive": ("tab:red", "v"), "kvlink": ("tab:blue", "o"),
+               "homogeneous": ("tab:gray", "s")}
+PLOT_SPARE_STYLES = [("tab:green", "*"), ("tab:purple", "D"), ("tab:orange", "^"), ("tab:brown", "P"),
+                     ("tab:pink", "X"), ("tab:olive", "h"), ("tab:cyan", "<")]
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
 def plot(records: list[dict], path: str, title: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'kvlink[plot]')", file=sys.stderr)
-        return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in ("raw", "kvlink", "naive"):
-        pts = sorted((r["bytes"], r["GBps"]) for r in records if r["method"] == method)
-        if pts:
-            ax.plot([b / MiB for b, _ in pts], [g for _, g in pts], marker="o", label=method)
-    conc = [r for r in records if r["method"].startswith("kvlink x")]
-    for r in conc:
-        ax.scatter([r["bytes"] / MiB], [r["GBps"]], marker="*", s=120, label=f"{r['method']} x {r['tokens']} tokens")
-    ax.set_xscale("log")
-    ax.set_xlabel("request size (MiB)")
-    ax.set_ylabel("GB/s")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    """Two panels against request size, log axes: GB/s of every rate case, and time of every case (layer-wise too).
+
+    Each method has its own colour and marker; the bars span the fastest to the slowest timed iteration.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    styles, spare = {}, iter(PLOT_SPARE_STYLES)
+    for method in methods:
+        styles[method] = PLOT_STYLES.get(method) or next(spare, ("black", "o"))
+    fig, (ax_rate, ax_time) = plt.subplots(1, 2, figsize=(13, 5.2))
+    sizes = sorted({r["bytes"] for r in records})
+
+    def label_of(method: str) -> str:
+        r = next(r for r in records if r["method"] == method)
+        if r.get("concurrent"):
+            return f"{method} ({r['concurrent']} x {r['tokens']} tokens at once)"
+        if r.get("GBps") is None:
+            return f"{method} (from the last layer_ready)"
+        return method
+
+    def draw(ax, key, lo_key, hi_key):
+        values = []
+        for i, method in enumerate(methods):
+            pts = sorted((r for r in records if r["method"] == method and r.get(key) is not None),
+                         key=lambda r: r["bytes"])
+            if not pts:
+                continue
+            colour, marker = styles[method]
+            dodge = 1.05 ** (i - (len(methods) - 1) / 2)  # methods at one size side by side, not on top
+            x = [r["bytes"] * dodge for r in pts]
+            y = [r[key] for r in pts]
+            lo = [r[key] - r[lo_key] for r in pts]
+            hi = [r[hi_key] - r[key] for r in pts]
+            ax.errorbar(x, y, yerr=[lo, hi], color=colour, marker=marker, markersize=11 if marker == "*" else 7,
+                        linestyle="-" if len(pts) > 1 else "none", linewidth=1.5, capsize=4, label=label_of(method))
+            values += [r[lo_key] for r in pts] + [r[hi_key] for r in pts]
+        positive = [v for v in values if v > 0]
+        if positive and max(positive) / min(positive) >= 10:
+            ax.set_yscale("log")
+        ax.set_xscale("log")
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([human_bytes(b) for b in sizes], rotation=30 if len(sizes) > 4 else 0)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        if len(sizes) > 1:
+            ax.set_xlim(sizes[0] / 1.6, sizes[-1] * 1.6)
+        else:
+            ax.set_xlim(sizes[0] / 2, sizes[0] * 2)
+        ax.set_xlabel("request size (all requests of a case together)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+
+    draw(ax_rate, "GBps", "GBps_min", "GBps_max")
+    ax_rate.set_ylabel("GB/s (size / time)")
+    ax_rate.set_title("bandwidth: higher is better")
+    draw(ax_time, "time_us", "time_min_us", "time_max_us")
+    ax_time.set_ylabel("time (µs)")
+    ax_time.set_title("time: lower is better")
+    counts = sorted({(r["iters"], r["warmup"]) for r in records})
+    how = (f"median of {plural(counts[0][0], 'timed iteration')} after {plural(counts[0][1], 'warm-up')}"
+           if len(counts) == 1
+           else "median of each case's timed iterations")
+    fig.suptitle(f"{title}\n{how}; bars: min to max", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json(path: str, args, device_desc: str, records: list[dict], descriptions: dict[str, str],
+               **extra) -> None:
+    """The run's JSON: its settings, what each method measures, and one record per case (see make_record)."""
+    report = {"backend": args.backend, "device": device_desc, "args": dict(vars(args)),
+              "timing": timing_note(records) if records else None, "methods": descriptions,
+              "verified": bool(records) and all(r["verified"] for r in records), **extra, "records": records}
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
 
 
 def main(argv=None) -> int:
@@ -678,13 +930,16 @@ def main(argv=None) -> int:
         proc.join(30)
         if proc.is_alive():
             proc.kill()
-    print(table(records, memory))
+    descriptions = describe_methods(records, args)
+    print(table(records, memory, legend_lines(descriptions, records, (
+        "vs raw = GB/s over raw's GB/s for the same number of bytes; #wrong = received bytes that differ from the "
+        "sender's (every byte of every iteration is checked)",))), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"backend": backend, "device": device_desc, "args": {k: v for k, v in vars(args).items()},
-                       "memory": memory, "records": records}, f, indent=2)
+        write_json(args.json, args, device_desc, records, descriptions, memory=memory)
     if args.plot and records:
-        plot(records, args.plot, f"kvlink-bench, {backend} on {device_desc}, {args.layers}L x {args.kv_heads}H x {args.head_dim}D")
+        plot(records, args.plot, f"kvlink-bench, {backend} on {device_desc}, {args.layers} layers x {args.kv_heads} "
+                                 f"KV heads x head dim {args.head_dim}, {args.dtype}")
+        print(f"wrote {args.plot}", file=sys.stderr)
     if errors or not finished:
         print("FAILED: " + ("; ".join(errors) or "timed out"), file=sys.stderr)
         return 1

@@ -13,24 +13,26 @@ GB/s" (the bytes one link carries over the transfer's time) is printed for infor
 into or out of one GPU share its NVLink ports.
 
 Every received byte is checked against the prefill ranks' caches, rebuilt from their seeds on
-the decode side (with fp8 on the wire: against the reference conversion of those bytes).
+the decode side (with fp8 on the wire: against the reference conversion of those bytes). Records
+are built by :func:`kvlink.bench.make_record`, as the main benchmark's are: median time with its
+spread, ``verified`` (completed, no wrong byte); the table, its legend, ``--json`` and ``--plot``
+come out the same way.
 """
 
 from __future__ import annotations
 
 import faulthandler
-import json
 import logging
 import multiprocessing as mp
 import os
-import statistics
 import sys
 import time
 from argparse import Namespace
 
 import torch
 
-from kvlink.bench import MiB, build_cache, sync
+from kvlink.bench import (build_cache, fmt_rate, legend_lines, make_record, plot, plural, progress_line,
+                          share_cpus, sync, write_json)
 
 START_DELAY = 0.005  # seconds between the parent's "go" and the agreed start: every rank has it by then
 
@@ -57,6 +59,8 @@ def _start_rank(args, role: str, rank: int) -> str:
     device = _device(args, role, rank)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
+    else:
+        share_cpus(args.prefill_tp + args.decode_tp)
     return device
 
 
@@ -190,15 +194,15 @@ def measure(args, label: str, results) -> list[dict]:
                     times.append(max(r[2] for r in replies) - start_at)
                 wrong += sum(r[3] for r in replies)
                 moved, wire, links = sum(r[4] for r in replies), sum(r[5] for r in replies), sum(r[6] for r in replies)
-            t = statistics.median(times)
-            record = dict(method=label, tokens=num_tokens, bytes=moved, wire_bytes=wire, links=links, time_us=t * 1e6,
-                          GBps=moved / t / 1e9, link_GBps=moved / links / t / 1e9, wrong_bytes=wrong,
-                          transport=",".join(transports), prefill_tp=args.prefill_tp, decode_tp=args.decode_tp,
-                          kv_heads=args.kv_heads, wire_dtype=args.wire_dtype)
+            # every decode rank answered every iteration: the transfer completed
+            record = make_record(label, num_tokens, moved, times, wrong, warmup=args.warmup, wire_bytes=wire,
+                                 links=links, transport=",".join(transports), prefill_tp=args.prefill_tp,
+                                 decode_tp=args.decode_tp, kv_heads=args.kv_heads, wire_dtype=args.wire_dtype)
+            record["link_GBps"] = record["GBps"] / links
             records.append(record)
-            print(f"  {label:<12} {num_tokens:>7} tokens {moved / MiB:>9.2f} MiB {t * 1e6:>10.1f} us "
-                  f"{record['GBps']:>8.2f} GB/s  {record['link_GBps']:>8.2f} GB/s a link ({links} links)  "
-                  f"wrong={wrong}", file=sys.stderr, flush=True)
+            print(progress_line(record, len(records), len(args.tokens)) +
+                  f"  ({fmt_rate(record['link_GBps'])} GB/s a link, {plural(links, 'link')})",
+                  file=sys.stderr, flush=True)
         # every prefill rank heard of every request from each decode rank that contacts it
         from kvlink.resharding import plan_resharding
         plan = plan_resharding(args.kv_heads, args.prefill_tp, args.decode_tp)
@@ -227,6 +231,39 @@ def measure(args, label: str, results) -> list[dict]:
     return records
 
 
+def describe_methods(args, label: str) -> dict[str, str]:
+    """What the two methods of a resharded run measure (the table's legend and the JSON's "methods")."""
+    return {
+        label: (f"{args.prefill_tp} prefill rank(s) -> {args.decode_tp} decode rank(s), one process each: every "
+                f"decode rank pulls its heads from the prefill ranks the plan assigns; timed from one agreed "
+                f"start to the last rank's completion"),
+        "homogeneous": (f"the baseline: the same request 1 prefill rank -> 1 decode rank (all {args.kv_heads} KV "
+                        f"heads), timed the same way"),
+    }
+
+
+def table(records: list[dict], args, label: str) -> str:
+    base = {r["tokens"]: r for r in records if r["method"] == "homogeneous"}
+    width = max([len(r["method"]) for r in records] + [12])
+    lines = [f"{'method':<{width}} {'tokens':>7} {'size(B)':>12} {'links':>5} {'time(us)':>10} {'min(us)':>10} "
+             f"{'max(us)':>10} {'GB/s':>8} {'GB/s/link':>9} {'vs homog':>8} {'#wrong':>7}"]
+    for r in records:
+        b = base.get(r["tokens"])
+        ratio = f"{r['GBps'] / b['GBps'] * b['bytes'] / r['bytes']:.3f}" if b and r is not b else "-"
+        lines.append(f"{r['method']:<{width}} {r['tokens']:>7} {r['bytes']:>12} {r['links']:>5} {r['time_us']:>10.1f} "
+                     f"{r['time_min_us']:>10.1f} {r['time_max_us']:>10.1f} {fmt_rate(r['GBps']):>8} "
+                     f"{fmt_rate(r['link_GBps']):>9} "
+                     f"{ratio:>8} {r['wrong_bytes']:>7}")
+    wrong = sum(r["wrong_bytes"] for r in records)
+    verified = sum(bool(r["verified"]) for r in records)
+    lines.append(f"# {len(records)} cases, {verified} verified, {wrong} wrong bytes")
+    lines += legend_lines(describe_methods(args, label), records, (
+        "vs homog = the homogeneous transfer's time over the resharded one's (same bytes); GB/s/link = the bytes "
+        "one link carries over the transfer's time (links into or out of one GPU share its ports); #wrong = "
+        "received bytes that differ from the prefill ranks' (every byte of every iteration is checked)",))
+    return "\n".join(lines)
+
+
 def main(args) -> int:
     from kvlink.resharding import plan_resharding
     results = mp.get_context("spawn").Queue()
@@ -245,22 +282,15 @@ def main(args) -> int:
         kind, *payload = results.get()
         if kind == "error":
             errors.append(f"{payload[0]}: {payload[1]}")
-    base = {r["tokens"]: r for r in records if r["method"] == "homogeneous"}
-    lines = [f"{'method':<12} {'tokens':>7} {'size(B)':>12} {'links':>5} {'time(us)':>10} {'GB/s':>8} "
-             f"{'GB/s/link':>9} {'vs homog':>8} {'#wrong':>7}"]
-    for r in records:
-        b = base.get(r["tokens"])
-        ratio = f"{r['GBps'] / b['GBps'] * b['bytes'] / r['bytes']:.3f}" if b and r is not b else "-"
-        lines.append(f"{r['method']:<12} {r['tokens']:>7} {r['bytes']:>12} {r['links']:>5} {r['time_us']:>10.1f} "
-                     f"{r['GBps']:>8.2f} {r['link_GBps']:>9.2f} {ratio:>8} {r['wrong_bytes']:>7}")
-    wrong = sum(r["wrong_bytes"] for r in records)
-    lines.append(f"# {len(records)} cases, {wrong} wrong bytes; baseline: the same request 1 prefill -> 1 decode "
-                 f"rank ({args.kv_heads} KV heads); vs homog = its time over the resharded transfer's")
-    print("\n".join(lines))
+    print(table(records, args, label))
+    device = torch.cuda.get_device_name(0) if args.backend == "nccl" else "CPU"
     if args.json:
-        device = torch.cuda.get_device_name(0) if args.backend == "nccl" else "CPU"
-        with open(args.json, "w") as f:
-            json.dump({"backend": args.backend, "device": device, "args": vars(args), "records": records}, f, indent=2)
+        write_json(args.json, args, device, records, describe_methods(args, label))
+    if args.plot and records:
+        plot(records, args.plot, f"kvlink-bench {label} against 1 -> 1, {args.backend} on {device}, {args.layers} "
+                                 f"layers x {args.kv_heads} KV heads x head dim {args.head_dim}, {args.dtype}")
+        print(f"wrote {args.plot}", file=sys.stderr)
+    wrong = sum(r["wrong_bytes"] for r in records)
     if errors:
         print("FAILED: " + "; ".join(errors), file=sys.stderr)
         return 1

@@ -1,8 +1,11 @@
-"""GPU timing with CUDA events: medians of warmed-up runs, GPU time only.
+"""GPU timing with CUDA events: medians of warmed-up runs, GPU time only; and the spread of timed runs.
 
 Before each timed run a short spin kernel is queued, so the host has already enqueued the whole
 region by the time the GPU reaches the start event: the events measure GPU time, not Python's
 launch overhead. Host overhead is measured separately (wall clock around the enqueue).
+
+:func:`spread` summarizes any list of per-iteration times (median, min, p10, p90, max): the
+transfer benchmark reports every case with it.
 """
 
 from __future__ import annotations
@@ -49,3 +52,34 @@ def time_gpu(fn: Callable[[], object], *, iters: int = 50, warmup: int = 5, spin
             stop.synchronize()
             gpu.append(start.elapsed_time(stop) * 1e3)
     return Timing(gpu, host)
+
+
+# ------------------------------------------------------------------------------------- spread
+@dataclass
+class Spread:
+    """What a list of timed iterations says: its median and how far the iterations strayed."""
+    n: int
+    median_us: float
+    min_us: float
+    p10_us: float
+    p90_us: float
+    max_us: float
+    samples_us: list[float]
+
+
+def spread(seconds: list[float]) -> Spread:
+    """Summarize per-iteration times (in seconds): median, min, p10, p90, max, all in microseconds.
+
+    p10/p90 interpolate between the sorted samples (``statistics.quantiles``, inclusive method),
+    so with fewer than ten samples they lie between the extremes and the median.
+    """
+    if not seconds:
+        raise ValueError("no timed iterations to summarize")
+    us = [s * 1e6 for s in seconds]
+    if len(us) >= 2:
+        deciles = statistics.quantiles(us, n=10, method="inclusive")
+        p10, p90 = deciles[0], deciles[-1]
+    else:
+        p10 = p90 = us[0]
+    return Spread(n=len(us), median_us=statistics.median(us), min_us=min(us), p10_us=p10, p90_us=p90,
+                  max_us=max(us), samples_us=us)
