@@ -29,6 +29,7 @@ threads talk to it through a command queue.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import itertools
 import logging
 import os
@@ -89,6 +90,20 @@ class TransferStats:
     @property
     def GBps(self) -> float:
         return self.payload_bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+class _FutureReply:
+    """The (done, box) reply of a progress-thread command nobody waits for: resolves a Future."""
+
+    def __init__(self):
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.box: dict = {}
+
+    def set(self) -> None:
+        if "error" in self.box:
+            self.future.set_exception(self.box["error"])
+        else:
+            self.future.set_result(self.box.get("result"))
 
 
 class TransferHandle:
@@ -433,6 +448,15 @@ class Endpoint:
             raise ValueError(f"address must be a ZeroMQ address like tcp://127.0.0.1:5555, got {address!r}")
         timeout = self.timeout if timeout is None else float(timeout)
         return self._call("connect", address, timeout, timeout=2 * timeout + 5)
+
+    def connect_async(self, address: str, timeout: float | None = None) -> concurrent.futures.Future:
+        """Start linking to ``address`` and return at once: a Future of the peer's name, or of the
+        error ``connect()`` would raise. For callers that must not block (an engine's step)."""
+        if not isinstance(address, str) or "://" not in address:
+            raise ValueError(f"address must be a ZeroMQ address like tcp://127.0.0.1:5555, got {address!r}")
+        reply = _FutureReply()
+        self._post("connect", address, self.timeout if timeout is None else float(timeout), (reply, reply.box))
+        return reply.future
 
     def pull(self, peer: str, request: str, src_blocks, dst_blocks, num_tokens: int, *,
              layers: tuple[int, int] | None = None, src_heads: tuple[int, int] | None = None,

@@ -89,3 +89,23 @@ def test_layers_of_a_request_nobody_pulls_are_forgotten_after_the_timeout():
         while "never-pulled" in endpoint._ready_layers and time.time() < deadline:
             time.sleep(0.05)
         assert "never-pulled" not in endpoint._ready_layers
+
+
+def test_connect_async_returns_at_once_and_resolves_to_the_peer_or_its_error():
+    """An engine's step cannot wait for a handshake: connect_async() hands back a Future."""
+    import socket
+    _, src = kvlink.presets.allocate("vllm_flash_attn_nhd", **SRC_SHAPE)
+    _, dst = kvlink.presets.allocate(DST_PRESET, **DST_SHAPE)
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        nobody = f"tcp://127.0.0.1:{unused.getsockname()[1]}"  # bound, never listening: no kvlink there
+    with kvlink.Endpoint(src, name="async-prefill", timeout=5) as prefill_ep, \
+            kvlink.Endpoint(dst, name="async-decode", listen=None, timeout=5) as decode_ep:
+        doomed = decode_ep.connect_async(nobody, timeout=0.5)
+        linked = decode_ep.connect_async(prefill_ep.address)
+        assert linked.result(timeout=30) == "async-prefill"
+        with pytest.raises((TimeoutError, ConnectionError)):
+            doomed.result(timeout=30)
+        decode_ep.pull("async-prefill", "after-async", [1, 2], [5, 6, 7], 20).wait(10)
+    with pytest.raises(ValueError, match="address must be a ZeroMQ address"):
+        decode_ep.connect_async("127.0.0.1:1")
