@@ -1,212 +1,239 @@
-"""The SGLang backend driven through SGLang's call sequence, real transfers on the host transport.
+"""kvlink's SGLang adapters on GPUs, where SGLang itself cannot run in CI: SGLang's calls replayed.
 
-Prefill: manager -> register_to_bootstrap; per request a sender: init -> send (once per prefill
-chunk) -> poll. Decode: a receiver: init -> send_metadata -> poll. Both poll through to Success,
-then the decode pool is compared byte for byte with the prefill's; failures end in KVPoll.Failed
-with an error naming the room, within the timeout.
+The real-engine tests (tests/engines/test_sglang_engine.py) drive the adapters through SGLang
+0.5.23's own queues on the CPU; the GPU cases cannot run there (no GPU in CI, and SGLang is not
+installed in this environment). So here the prefill side runs in a process of its own and the
+decode side in the test process, each replaying exactly the calls the real queues make
+(tests/engines/sglang_sequence.py, which the real-engine test
+``test_sglang_makes_the_calls_the_gpu_tests_replay`` holds to the engine), over buffers shaped
+as SGLang's pools and metadata buffers are, with KVArgs as SGLang fills them on each side.
+
+- ``host`` on the CPU: the sequence itself, in this environment (its real-engine twin is
+  ``test_a_request_completes_in_both_engines_byte_exact_with_its_metadata_row``);
+- ``ipc`` on one GPU: two processes on the same GPU (the lent H200);
+- ``ipc`` and ``nccl`` between two GPUs.
 """
 
-import inspect
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from engine_access import random_fill
-from kvlink import kernels, presets
+from kvlink import ipc, kernels
 from kvlink.integrations import sglang as kv_sglang
-from kvlink.integrations.sglang import (KVLinkKVBootstrapServer, KVLinkKVManager, KVLinkKVReceiver, KVLinkKVSender,
-                                        KVPoll, KVTransferError)
-from sharded_caches import make_truth, rank_cache, read_rows, truth_rows
 
-LAYERS, HEADS, HEAD_DIM, PAGES, PAGE = 3, 4, 16, 32, 16
+sys.path.insert(0, str(Path(__file__).resolve().parent / "engines"))
+import sglang_sequence as seq  # noqa: E402
 
-
-def kv_args(engine, layout, *, rank=0, mla=False, total_heads=HEADS, device="cpu"):
-    """KVArgs as SGLang's pools fill it: K buffers of every layer then V buffers, page bytes, page size."""
-    buffers = engine if mla else list(engine[0]) + list(engine[1])
-    page_bytes = buffers[0][0].nbytes * layout.block_size
-    return SimpleNamespace(engine_rank=rank, kv_data_ptrs=[b.data_ptr() for b in buffers],
-                           kv_data_lens=[b.nbytes for b in buffers], kv_item_lens=[page_bytes] * len(buffers),
-                           page_size=layout.block_size, kv_head_num=layout.num_heads, total_kv_head_num=total_heads,
-                           gpu_id=torch.device(device).index or 0, device=device)
+LAYERS, HEADS, HEAD_DIM, PAGE, PAGES = 2, 2, 64, 16, 64
+PROMPT, CHUNK = 40, 16  # chunked prefill: one page, then the rest
+PREFILL_PAGES, DECODE_PAGES = [9, 4, 30], [12, 2, 45]
+PREFILL_AUX, DECODE_AUX = 2, 5  # metadata buffer indices
+ROOM = 0x5EED_0001
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+HAVE_GPU = GPUS >= 1 and kernels.cuda_available()
+NO_IPC = ipc.disabled_reason() if HAVE_GPU else "needs a CUDA GPU and CuPy"
 
 
-def server_args(bootstrap_port, tp=1, decode_tp=None, timeout=5.0, transport="host", **extra):
-    return SimpleNamespace(host="127.0.0.1", disaggregation_bootstrap_port=bootstrap_port, kv_cache_dtype="bfloat16",
-                           tp_size=tp, disaggregation_decode_tp=decode_tp, disaggregation_transfer_timeout=timeout,
-                           kvlink_transport=transport, **extra)
+def aux_buffers(slots: int = 8, hidden: int = 128) -> list[torch.Tensor]:
+    """SGLang's MetadataBuffers (utils.py): CPU rows per request, bootstrap_room last."""
+    return [torch.zeros(slots, 16, dtype=torch.int32), torch.zeros(slots, 16, dtype=torch.int32),
+            torch.zeros(slots, 16, dtype=torch.float32), torch.zeros(slots, 16, dtype=torch.int32),
+            torch.zeros(slots, 128, dtype=torch.float32), torch.zeros(slots, 128, dtype=torch.int32),
+            torch.zeros(slots, 16, dtype=torch.float32), torch.zeros(slots, 16, dtype=torch.int64),
+            torch.zeros(slots, hidden, dtype=torch.float16), torch.zeros(slots, 8, dtype=torch.uint64)]
 
 
-@pytest.fixture
-def bootstrap():
-    server = KVLinkKVBootstrapServer("127.0.0.1", 0)
-    yield server
-    server.close()
+def pool(device: str, fill_seed: int | None) -> list[torch.Tensor]:
+    """MHATokenToKVPool's buffers: K of every layer, then V, each [slots, heads, head_dim]."""
+    gen = torch.Generator().manual_seed(fill_seed if fill_seed is not None else 0)
+    slots = (PAGES + 1) * PAGE
+    return [torch.randn(slots, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16).to(device)
+            if fill_seed is not None else torch.zeros(slots, HEADS, HEAD_DIM, dtype=torch.bfloat16, device=device)
+            for _ in range(2 * LAYERS)]
 
 
-def poll_until(objects, state, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        states = [o.poll() for o in objects]
-        if min(states) == state:  # SGLang min-reduces polls across its TP group
+def kv_args(buffers, aux, device: str, mode: str):
+    """KVArgs as PrefillBootstrapQueue / DecodePreallocQueue fill them (decode: no kv_head_num)."""
+    args = SimpleNamespace(
+        engine_rank=0, pp_rank=0, system_dp_rank=0, kv_cache_dtype_str="auto", kv_layout=None,
+        kv_data_ptrs=[b.data_ptr() for b in buffers], kv_data_lens=[b.nbytes for b in buffers],
+        kv_item_lens=[b[0].nbytes * PAGE for b in buffers], num_draft_entries=0, kv_layer_ids=[], page_size=PAGE,
+        aux_data_ptrs=[a.data_ptr() for a in aux], aux_data_lens=[a.nbytes for a in aux],
+        aux_item_lens=[a[0].nbytes for a in aux], state_types=[], state_data_ptrs=[], state_data_lens=[],
+        state_item_lens=[], ib_device=None, gpu_id=torch.device(device).index or 0)
+    if mode == "prefill":
+        args.kv_head_num, args.total_kv_head_num = HEADS, HEADS
+    return args
+
+
+def server_args(port: int):
+    return SimpleNamespace(host="127.0.0.1", disaggregation_bootstrap_port=port, tp_size=1, dp_size=1, pp_size=1)
+
+
+def poll_until(obj, state, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = obj.poll()
+        if got == state:
             return
-        if KVPoll.Failed in states:
-            raise AssertionError([o.error for o in objects])
-        time.sleep(0.005)
-    raise AssertionError(f"not {state} within {timeout} s: {[o.poll() for o in objects]}")
+        if got == kv_sglang.KVPoll.Failed:
+            raise AssertionError(f"{type(obj).__name__} failed: {obj.error}")
+        time.sleep(0.002)
+    raise AssertionError(f"{type(obj).__name__} not {state} within {timeout} s (last {obj.poll()})")
 
 
-TWO_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2 and kernels.cuda_available()
-
-
-@pytest.mark.parametrize("prefill_tp,decode_tp,transport", [
-    (1, 1, "host"), (2, 1, "host"), (1, 2, "host"),
-    *[pytest.param(1, 1, t, marks=pytest.mark.skipif(not TWO_GPUS, reason="needs two GPUs")) for t in ("nccl", "ipc")]])
-def test_sender_and_receiver_poll_through_to_success_and_the_pool_is_byte_exact(
-        bootstrap, prefill_tp, decode_tp, transport, generator):
-    seed = int(generator.initial_seed())
-    prefill_device, decode_device = ("cuda:0", "cuda:1") if transport != "host" else ("cpu", "cpu")
-    truth = make_truth(seed, num_layers=LAYERS, num_kv=2, num_blocks=PAGES, block_size=PAGE, num_heads=HEADS,
-                       head_dim=HEAD_DIM)
-    from kvlink.resharding import heads_of_rank
-
-    prefill_pools = [rank_cache("sglang_mha", truth, heads_of_rank(HEADS, prefill_tp, r), prefill_device)
-                     for r in range(prefill_tp)]
-    decode_pools = [presets.allocate("sglang_mha", num_layers=LAYERS, num_blocks=PAGES, block_size=PAGE,
-                                     num_heads=HEADS // decode_tp, head_dim=HEAD_DIM, device=decode_device,
-                                     fill=random_fill(torch.Generator().manual_seed(seed + r)))
-                    for r in range(decode_tp)]
-    prefill = [KVLinkKVManager(kv_args(e, l, rank=r, device=prefill_device), "prefill",
-                               server_args(bootstrap.port, prefill_tp, decode_tp, timeout=20.0, transport=transport))
-               for r, (e, l) in enumerate(prefill_pools)]
-    decode = [KVLinkKVManager(kv_args(e, l, rank=r, device=decode_device), "decode",
-                              server_args(bootstrap.port, decode_tp, timeout=20.0, transport=transport))
-              for r, (e, l) in enumerate(decode_pools)]
+def prefill_main(conn, device: str, transport: str, seed: int) -> None:
+    """The prefill rank: bootstrap server, manager, and the sender's calls as SGLang makes them."""
+    os.environ["KVLINK_TRANSPORT"] = transport
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    recorder = seq.Recorder()
+    recorder.install(kv_sglang.KVLinkKVSender, seq.SENDER_METHODS)
     try:
-        for manager in prefill:
-            manager.register_to_bootstrap()
-        address = f"127.0.0.1:{bootstrap.port}"
-        room = 4242
-        src_pages = np.array([7, 3, 19, 25], dtype=np.int32)   # 64 slots, the prompt's last page partly used
-        dst_pages = np.array([12, 0, 30, 5], dtype=np.int32)
-        receivers = [KVLinkKVReceiver(m, address, room) for m in decode]
-        for receiver in receivers:
-            assert receiver.poll() == KVPoll.Bootstrapping
-            receiver.init(0)
-            assert receiver.poll() == KVPoll.WaitingForInput
-            receiver.send_metadata(dst_pages)
-        senders = [KVLinkKVSender(m, address, room, dest_tp_ranks=list(range(decode_tp)), pp_rank=0) for m in prefill]
-        for sender in senders:
-            sender.init(len(src_pages))
-            assert sender.poll() == KVPoll.WaitingForInput
-            sender.send(src_pages[:3])    # chunked prefill: two calls
-            assert sender.poll() == KVPoll.WaitingForInput
-            sender.send(src_pages[3:])
-        poll_until(receivers, KVPoll.Success, timeout=30)
-        poll_until(senders, KVPoll.Success, timeout=30)
-        assert all(link["transport"] == transport for m in decode for link in m.endpoint.links())
-        for rank, (engine, layout) in enumerate(decode_pools):
-            got = read_rows("sglang_mha", engine, layout, dst_pages.tolist(), len(src_pages) * PAGE)
-            want = truth_rows(truth, src_pages.tolist(), len(src_pages) * PAGE, heads_of_rank(HEADS, decode_tp, rank))
-            assert torch.equal(got, want), f"decode rank {rank} differs"
+        buffers, aux = pool(device, seed), aux_buffers()
+        server = kv_sglang.KVLinkKVBootstrapServer("127.0.0.1", 0)
+        manager = kv_sglang.KVLinkKVManager(kv_args(buffers, aux, device, "prefill"), "prefill",
+                                            server_args(server.port))
+        conn.send(server.port)
+        conn.recv()  # the decode side has a receiver
+        sender = kv_sglang.KVLinkKVSender(mgr=manager, bootstrap_addr=f"127.0.0.1:{server.port}",
+                                          bootstrap_room=ROOM, req_has_disagg_prefill_dp_rank=False)
+        poll_until(sender, kv_sglang.KVPoll.WaitingForInput)  # pop_bootstrapped
+        prefix = sender.pop_decode_prefix_len()
+        sender.init(len(PREFILL_PAGES), PREFILL_AUX)
+        # the forward pass wrote the KV (the seed's bytes); set_buf writes the metadata row
+        aux[0][PREFILL_AUX, 0] = 4242
+        aux[1][PREFILL_AUX, :4] = torch.tensor([16, 16, 0, 0], dtype=torch.int32)
+        aux[8][PREFILL_AUX] = torch.arange(aux[8].shape[1], dtype=torch.float16)
+        aux[9][PREFILL_AUX, 0] = ROOM
+        for start, stop, last in ((prefix, CHUNK, False), (CHUNK, PROMPT, True)):  # _send_kv_chunk
+            pages = np.asarray(PREFILL_PAGES[start // PAGE:-(-stop // PAGE)], dtype=np.int32)
+            sender.get_max_transfer_tokens()
+            if sender.should_send_kv_chunk(len(pages), last):
+                sender.send(pages, [] if last else None, num_kv_tokens=stop - start)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        poll_until(sender, kv_sglang.KVPoll.Success)  # process_disagg_prefill_inflight_queue
+        sender.clear()
+        metric = sender.get_transfer_metric()
+        conn.send(("ok", recorder.of(sender), metric.transfer_total_bytes,
+                   [a[PREFILL_AUX].contiguous().view(torch.uint8).numpy().tobytes() for a in aux]))
+        conn.recv()
+        manager.close()
+        server.close()
+    except BaseException as exc:  # noqa: BLE001 - report to the test process
+        import traceback
+
+        conn.send(("error", f"{exc!r}\n{traceback.format_exc()}"))
+
+
+CASES = [
+    pytest.param("cpu", "cpu", "host", id="host-cpu"),
+    pytest.param("cuda:0", "cuda:0", "ipc", id="ipc-one-gpu-two-processes",
+                 marks=pytest.mark.skipif(NO_IPC is not None, reason=f"needs a GPU and CUDA IPC ({NO_IPC})")),
+    pytest.param("cuda:0", "cuda:1", "ipc", id="ipc-two-gpus",
+                 marks=pytest.mark.skipif(GPUS < 2 or NO_IPC is not None, reason="needs two GPUs and CUDA IPC")),
+    pytest.param("cuda:0", "cuda:1", "nccl", id="nccl-two-gpus",
+                 marks=pytest.mark.skipif(GPUS < 2 or not HAVE_GPU, reason="needs two CUDA GPUs")),
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("prefill_device,decode_device,transport", CASES)
+def test_sglangs_call_sequence_moves_the_request_byte_exact(prefill_device, decode_device, transport, monkeypatch):
+    monkeypatch.setenv("KVLINK_TRANSPORT", transport)
+    seed = 1234
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=prefill_main, args=(child, prefill_device, transport, seed), daemon=True)
+    process.start()
+    recorder = seq.Recorder()
+    recorder.install(kv_sglang.KVLinkKVReceiver, seq.RECEIVER_METHODS)
+    recorder.install(kv_sglang.KVLinkKVManager, seq.MANAGER_METHODS)
+    manager = None
+    try:
+        assert parent.poll(120), "the prefill process did not start"
+        port = parent.recv()
+        if isinstance(port, tuple):
+            raise AssertionError(port[1])
+        if decode_device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(decode_device))
+        buffers, aux = pool(decode_device, None), aux_buffers()
+        manager = kv_sglang.KVLinkKVManager(kv_args(buffers, aux, decode_device, "decode"), "decode",
+                                            server_args(port))
+        address = f"127.0.0.1:{port}"
+        receiver = kv_sglang.KVLinkKVReceiver(mgr=manager, bootstrap_addr=address, bootstrap_room=ROOM)
+        parent.send("go")
+        receiver.poll()
+        deadline = time.monotonic() + 60
+        while not manager.try_ensure_parallel_info(address):  # SGLang retries about once a second
+            assert time.monotonic() < deadline, "the prefill never registered"
+            time.sleep(0.05)
+        receiver.init(0)
+        poll_until(receiver, kv_sglang.KVPoll.WaitingForInput)
+        receiver.send_metadata(np.asarray(DECODE_PAGES, dtype=np.int32), DECODE_AUX, [], decode_prefix_len=0)
+        poll_until(receiver, kv_sglang.KVPoll.Success)
+        got_row = [a[DECODE_AUX].contiguous().view(torch.uint8).numpy().tobytes() for a in aux]
+        receiver.clear()
+        assert parent.poll(60), "the prefill never reached Success"
+        status, *result = parent.recv()
+        if status != "ok":
+            raise AssertionError(result[0])
+        sender_calls, total_bytes, prefill_row = result
+        assert [link["transport"] for link in manager.endpoint.links()] == [transport]
+        truth = pool("cpu", seed)
+        src = torch.tensor([p * PAGE + t for p in PREFILL_PAGES for t in range(PAGE)][:PROMPT])
+        dst = torch.tensor([p * PAGE + t for p in DECODE_PAGES for t in range(PAGE)][:PROMPT])
+        for i, (want, have) in enumerate(zip(truth, buffers)):
+            assert torch.equal(have.cpu()[dst], want[src]), f"buffer {i} differs"
+        assert got_row == prefill_row, "the metadata row differs"
+        assert total_bytes == len(PREFILL_PAGES) * sum(b[0].nbytes * PAGE for b in buffers)
+        # the calls were SGLang's (the real-engine test holds sglang_sequence to the engine)
+        assert sender_calls == seq.SENDER_CALLS
+        assert recorder.of(receiver) == seq.RECEIVER_CALLS
+        assert recorder.of(manager) == seq.MANAGER_CALLS
+        parent.send("stop")
     finally:
-        for manager in prefill + decode:
+        recorder.uninstall()
+        if manager is not None:
             manager.close()
+        process.join(30)
+        if process.is_alive():
+            process.kill()
 
 
-def test_a_room_never_published_fails_within_the_timeout_naming_it(bootstrap, generator):
-    engine, layout = presets.allocate("sglang_mha", num_layers=2, num_blocks=8, block_size=8, num_heads=2, head_dim=16)
-    p_engine, p_layout = presets.allocate("sglang_mha", num_layers=2, num_blocks=8, block_size=8, num_heads=2,
-                                          head_dim=16)
-    prefill = KVLinkKVManager(kv_args(p_engine, p_layout, total_heads=2), "prefill",
-                              server_args(bootstrap.port, timeout=1.0, kvlink_lease_seconds=0.5))
-    decode = KVLinkKVManager(kv_args(engine, layout, total_heads=2), "decode", server_args(bootstrap.port, timeout=1.0))
-    try:
-        prefill.register_to_bootstrap()
-        receiver = KVLinkKVReceiver(decode, f"127.0.0.1:{bootstrap.port}", 77)
-        receiver.init(0)
-        receiver.send_metadata(np.array([1, 2]))
-        started = time.time()
-        while receiver.poll() != KVPoll.Failed:
-            assert time.time() - started < 5.0, "no failure within 5 s"
-            time.sleep(0.01)
-        with pytest.raises(KVTransferError, match="room 77 .*did not publish its pages within 1.0 s"):
-            receiver.failure_exception()
-        # a sender nobody pulls from fails once its lease runs out (its pages can then be freed)
-        sender = KVLinkKVSender(prefill, f"127.0.0.1:{bootstrap.port}", 78)
-        sender.init(1)
-        sender.send(np.array([3]))
-        started = time.time()
-        while sender.poll() != KVPoll.Failed:
-            assert time.time() - started < 5.0
-            time.sleep(0.01)
-        with pytest.raises(KVTransferError, match="room 78 .*no decode rank confirmed"):
-            sender.failure_exception()
-    finally:
-        prefill.close()
-        decode.close()
+def test_wire_messages_round_trip_and_refuse_garbage():
+    """The typed request metadata on the control socket (decoded on the manager's I/O thread)."""
+    meta = kv_sglang.RoomMetadata(room=7, nonce="abc", decode_rank=1, decode_tp=2, decode_prefix_len=16,
+                                  num_pages=3, page_size=16, pulls=True, reply_to="tcp://127.0.0.1:5",
+                                  endpoint="d", aux_item_lens=(64, 64), state_types=("swa",),
+                                  state_item_lens=((1024, 1024),), state_counts=(2,))
+    assert kv_sglang.decode_message(kv_sglang.encode_message(meta)) == meta
+    pages = kv_sglang.RoomPages(room=7, nonce="abc", prefill_rank=0, pages=(1, 2), num_tokens=20,
+                                aux=(b"\0" * 64,), state=(None, (b"x", b"y")))
+    assert kv_sglang.decode_message(kv_sglang.encode_message(pages)) == pages
+    abort = kv_sglang.RoomAbort(room=7, nonce="", side="decode", rank=0, reason="client gone")
+    assert kv_sglang.decode_message(kv_sglang.encode_message(abort)) == abort
+    import msgpack
+
+    for junk in (b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"t": "META", "v": 1}),
+                 msgpack.packb({"t": "META", "v": 2}), msgpack.packb({"t": "ABORT", "v": 1, "room": 1, "nonce": "",
+                                                                    "side": "elsewhere", "rank": 0, "reason": ""})):
+        with pytest.raises(kv_sglang.ProtocolError):
+            kv_sglang.decode_message(junk)
 
 
-def test_a_receiver_without_a_bootstrap_server_fails_instead_of_hanging(generator):
-    engine, layout = presets.allocate("sglang_mha", num_layers=2, num_blocks=8, block_size=8, num_heads=2, head_dim=16)
-    decode = KVLinkKVManager(kv_args(engine, layout, total_heads=2), "decode", server_args(1, timeout=1.0))
-    try:
-        receiver = KVLinkKVReceiver(decode, "127.0.0.1:1", 5)
-        receiver.init(0)
-        assert receiver.poll() == KVPoll.Failed
-        with pytest.raises(KVTransferError, match="room 5 .*bootstrap failed"):
-            receiver.failure_exception()
-    finally:
-        decode.close()
-
-
-def test_mla_pool_from_kvargs(bootstrap, generator):
-    seed = int(generator.initial_seed())
-    truth = make_truth(seed, num_layers=2, num_kv=1, num_blocks=8, block_size=8, num_heads=1, head_dim=72)
-    p_engine, p_layout = rank_cache("sglang_mla", truth, (0, 1))
-    d_engine, d_layout = presets.allocate("sglang_mla", num_layers=2, num_blocks=8, block_size=8, num_heads=1,
-                                          head_dim=72)
-    prefill = KVLinkKVManager(kv_args(p_engine, p_layout, mla=True), "prefill", server_args(bootstrap.port),
-                              is_mla_backend=True)
-    decode = KVLinkKVManager(kv_args(d_engine, d_layout, mla=True), "decode", server_args(bootstrap.port),
-                             is_mla_backend=True)
-    try:
-        prefill.register_to_bootstrap()
-        address = f"127.0.0.1:{bootstrap.port}"
-        receiver = KVLinkKVReceiver(decode, address, 9)
-        receiver.init(0)
-        receiver.send_metadata(np.array([6, 2]))
-        sender = KVLinkKVSender(prefill, address, 9)
-        sender.init(2)
-        sender.send(np.array([1, 4]))
-        poll_until([receiver], KVPoll.Success)
-        poll_until([sender], KVPoll.Success)
-        assert torch.equal(read_rows("sglang_mla", d_engine, d_layout, [6, 2], 16), truth_rows(truth, [1, 4], 16, (0, 1)))
-    finally:
-        prefill.close()
-        decode.close()
-
-
-def test_bad_kvargs_and_modes_are_refused(bootstrap):
-    engine, layout = presets.allocate("sglang_mha", num_layers=2, num_blocks=8, block_size=8, num_heads=2, head_dim=16)
-    args = kv_args(engine, layout)
-    with pytest.raises(ValueError, match="disaggregation_mode must be PREFILL or DECODE"):
-        KVLinkKVManager(args, "null", server_args(bootstrap.port))
-    args.kv_item_lens = [args.kv_item_lens[0] + 2] * len(args.kv_item_lens)
-    with pytest.raises(ValueError, match="is not 8 slots x 2 heads"):
-        KVLinkKVManager(args, "prefill", server_args(bootstrap.port))
-
-
-@pytest.mark.skipif(not kv_sglang.HAVE_SGLANG, reason="SGLang is not installed here")
-def test_the_backend_implements_sglangs_real_base_classes():
-    from sglang.srt.disaggregation.base import conn
-
-    for ours, theirs in ((KVLinkKVManager, conn.BaseKVManager), (KVLinkKVSender, conn.BaseKVSender),
-                         (KVLinkKVReceiver, conn.BaseKVReceiver), (KVLinkKVBootstrapServer, conn.BaseKVBootstrapServer)):
-        assert issubclass(ours, theirs)
-        for name in theirs.__abstractmethods__:
-            a, b = inspect.signature(getattr(ours, name)), inspect.signature(getattr(theirs, name))
-            assert list(a.parameters)[:len(b.parameters)] == list(b.parameters), (ours, name)
+def test_kv_cache_dtype_strings_map_to_element_types():
+    assert kv_sglang.kv_dtype_of("fp8_e5m2") is torch.float8_e5m2
+    assert kv_sglang.kv_dtype_of("fp8_e4m3") is torch.float8_e4m3fn
+    assert kv_sglang.kv_dtype_of("bf16") is torch.bfloat16
+    assert kv_sglang.kv_dtype_of("auto") is torch.uint8  # the model's dtype: moved as its bytes
