@@ -63,6 +63,11 @@ COUNTER_SLOTS = 1024
 # queues its whole payload in memory at once nor keeps cancels and other links waiting
 HOST_CHUNKS_PER_TURN = 8
 DEFAULT_TIMEOUT = float(os.environ.get("KVLINK_TIMEOUT", "30"))
+# progress loop: most commands, and most messages per socket, one turn handles before it checks
+# liveness and moves every link on (a burst on one link must not starve the others)
+TURN_BUDGET = 256
+# messages a link may queue behind a peer that does not read; past it the link fails
+OUTBOX_LIMIT = 1024
 REFUSED_FLAG = 0x8000  # header flag of a chunk sent in place of data the prefill side refused
 _DEFAULT = object()  # pull(wire_dtype=...) not given: the endpoint's default
 
@@ -264,6 +269,20 @@ class _Link:
     peer_layout: PeerLayout | None = None           # ipc, decode side: the prefill's cache, mapped here
     peer_memory: ipc.PeerMemory | None = None       # ipc: what we mapped of the peer (cache or counters)
     layer_stream: torch.cuda.Stream | None = None   # ipc, decode side: layer-wise copies (may wait on the GPU)
+    # messages ZeroMQ would not take without blocking (the peer is slow or gone), sent in order
+    outbox: collections.deque = field(default_factory=collections.deque)
+
+
+@dataclass
+class _Connecting:
+    """A handshake in progress (decode side): the HELLO is out, the WELCOME not in yet."""
+    address: str
+    dealer: zmq.Socket
+    timeout: float
+    deadline: float
+    reply: tuple
+    with_ipc: bool
+    nonce: bytes | None = None  # of our HELLO's credentials (shared secret)
 
 
 @dataclass
@@ -317,7 +336,8 @@ class Endpoint:
                  transport: str = "auto", chunk_bytes: int | None = None, num_slots: int = 3,
                  timeout: float = DEFAULT_TIMEOUT, heartbeat: float = 1.0, max_ctas: int | None = None,
                  max_links: int = 8, ipc_max_ctas: int | None = None, secret: str | bytes | None = None,
-                 checksum: bool | None = None, wire_dtype: str | None = None, cache_scale: float = 1.0):
+                 checksum: bool | None = None, wire_dtype: str | None = None, cache_scale: float = 1.0,
+                 outbox_limit: int = OUTBOX_LIMIT):
         if not isinstance(layout, CacheLayout):
             raise TypeError(f"layout must be a kvlink CacheLayout, got {type(layout).__name__}")
         if transport not in TRANSPORTS:
@@ -330,6 +350,9 @@ class Endpoint:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         if max_links < 1:
             raise ValueError(f"max_links must be >= 1, got {max_links}")
+        if outbox_limit < 1:
+            raise ValueError(f"outbox_limit must be >= 1, got {outbox_limit}")
+        self.outbox_limit = outbox_limit
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
         if not isinstance(cache_scale, (int, float)) or not 0 < cache_scale < float("inf"):
@@ -362,6 +385,9 @@ class Endpoint:
         self._ready_layers: dict[str, dict[int, torch.cuda.Event | None]] = {}
         self._notify_lock = threading.Lock()
         self._closed = False
+        self._connecting: dict[zmq.Socket, _Connecting] = {}  # handshakes under way (decode side)
+        self._late_messages = 0  # messages for transfers already ended (cancelled, failed): dropped
+        self._serve_hook = None  # set_serve_hook()
         self._slots: list[_Slot] = []
         self._slot_cursor = 0
         self._pack_stream = self._unpack_stream = None
@@ -370,7 +396,6 @@ class Endpoint:
         # (peer, request id) -> the latest pull of it: an id still in flight on a link is refused
         self._pulls_by_request: dict[tuple[str, str], TransferHandle] = {}
         self._prune_pulls_at = 1024
-        self._cancelled_xfers: collections.deque = collections.deque(maxlen=4096)  # late chunks of these are expected
         self._progress_busy = False  # the progress loop turns every millisecond (no wake-up needed)
         self._more_to_send = False  # host transport: a serve stopped at its per-turn chunk budget
         self._serve_lock = threading.RLock()  # link.serves: the progress thread and layer_ready() (ipc)
@@ -398,6 +423,7 @@ class Endpoint:
         self._wake_send.connect(wake_address)
         self._wake_lock = threading.Lock()
         self._router = None
+        self._poller = zmq.Poller()  # the progress thread's
         self.address = None
         if listen is not None:
             self._router = self._context.socket(zmq.ROUTER)
@@ -694,15 +720,34 @@ class Endpoint:
                 for link in self._links.values()]
 
     def close(self, timeout: float = 5.0) -> None:
+        """Stop the progress thread (pending pulls fail with "endpoint closed") and close the sockets.
+
+        Returns within ``timeout``: every turn of the progress loop is bounded and no socket call
+        blocks, so the thread sees the stop at once; should it still be busy (a GPU wait), it
+        closes its sockets itself when it gets there.
+        """
         if self._closed:
             return
         self._closed = True
         self._post("close")
         self._thread.join(timeout)
         if self._thread.is_alive():
-            log.error("kvlink %s: progress thread did not stop within %.1f s; sockets left open", self.name, timeout)
-            return
-        self._context.destroy(linger=0)
+            log.error("kvlink %s: progress thread did not stop within %.1f s; it closes the sockets when it does",
+                      self.name, timeout)
+
+    def set_serve_hook(self, hook) -> None:
+        """Test seam (fault injection), prefill side, host transport: ``hook(request, chunk_index,
+        payload)`` sees each packed chunk (a uint8 numpy array, header included) before it is sent
+        and returns the bytes to send (the same, a corrupted copy...); an exception it raises
+        fails the serve as a real error would. ``None`` removes it."""
+        self._serve_hook = hook
+
+    def stats(self) -> dict:
+        """Counters of the endpoint's life: late messages dropped, links that failed, messages queued
+        for slow peers."""
+        links = list(self._links.values())
+        return {"late_messages": self._late_messages, "links_failed": sum(bool(l.failed) for l in links),
+                "queued_messages": sum(len(l.outbox) for l in links)}
 
     def __enter__(self):
         return self
@@ -718,8 +763,8 @@ class Endpoint:
         with self._wake_lock:
             try:
                 self._wake_send.send(b"", zmq.NOBLOCK)
-            except zmq.Again:
-                pass  # wake-ups already queued: the progress thread will find this command too
+            except zmq.ZMQError:
+                pass  # wake-ups already queued (the thread will find this command too), or the thread is gone
 
     def _call(self, *command, timeout: float | None = None):
         """Run a command on the progress thread and wait for its result."""
@@ -736,78 +781,175 @@ class Endpoint:
     def _run(self) -> None:
         # KVLINK_PROFILE_PROGRESS=DIR: cProfile this endpoint's progress thread, written to DIR at close
         profile_dir = os.environ.get("KVLINK_PROFILE_PROGRESS")
-        if not profile_dir:
-            return self._run_loop()
-        import cProfile
-
-        profiler = cProfile.Profile()
-        profiler.enable()
         try:
-            self._run_loop()
+            if not profile_dir:
+                return self._run_loop()
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+            try:
+                self._run_loop()
+            finally:
+                profiler.disable()
+                os.makedirs(profile_dir, exist_ok=True)
+                profiler.dump_stats(os.path.join(profile_dir,
+                                                 f"progress-{self.name.replace(':', '_').replace('/', '_')}.prof"))
         finally:
-            profiler.disable()
-            os.makedirs(profile_dir, exist_ok=True)
-            profiler.dump_stats(os.path.join(profile_dir, f"progress-{self.name.replace(':', '_').replace('/', '_')}.prof"))
+            with self._wake_lock:  # no _post() is between its check and its send while the context goes
+                self._context.destroy(linger=0)
 
     def _run_loop(self) -> None:
         if self.on_gpu:
             torch.cuda.set_device(self.device_index)  # the current device is per thread
-        poller = zmq.Poller()
+        poller = self._poller
         poller.register(self._wake_recv, zmq.POLLIN)
         if self._router is not None:
             poller.register(self._router, zmq.POLLIN)
         next_heartbeat = time.monotonic() + self.heartbeat
+        more = False
         while True:
             try:
-                if self._progress(poller, next_heartbeat) is None:
+                more = self._progress(poller, next_heartbeat, more)
+                if more is None:
                     return
             except Exception:  # keep serving other requests; the failed one times out with its name
                 log.exception("kvlink %s: progress thread error", self.name)
+                more = False
+            # NOTE: liveness every turn, whatever the load: every turn is bounded (TURN_BUDGET), so a
+            # burst of commands or messages delays it by one turn at most
             now = time.monotonic()
-            if now >= next_heartbeat:
-                next_heartbeat = now + self.heartbeat
-                self._heartbeat(now)
+            try:
+                if now >= next_heartbeat:
+                    next_heartbeat = now + self.heartbeat
+                    self._heartbeat(now)
+                self._check_liveness(now)
+            except Exception:
+                log.exception("kvlink %s: liveness check error", self.name)
 
-    def _progress(self, poller, next_heartbeat: float):
-        """One turn of the progress loop; None once the endpoint is closed."""
+    def _progress(self, poller, next_heartbeat: float, more: bool):
+        """One bounded turn of the progress loop: True when work was left for the next turn, None
+        once the endpoint is closed."""
         # NOTE: the flag drops before the queue is drained: a pull queued after the drain sees it down
         # and wakes us; one that saw it up was queued before the drain.
         self._progress_busy = False
         while self._tracked:
             self._track_ipc_pull(*self._tracked.popleft())
-        busy = any(link.pending for link in self._links.values()) or any(link.serves for link in self._links.values())
+        busy = any(link.pending or link.serves or link.outbox for link in self._links.values()) or \
+            bool(self._connecting)
         self._progress_busy = busy
-        wait_ms = 0 if self._more_to_send else 1 if busy else max(1, int((next_heartbeat - time.monotonic()) * 1000))
+        if more or self._more_to_send or not self._commands.empty():
+            wait_ms = 0
+        else:
+            wait_ms = 1 if busy else max(1, int((next_heartbeat - time.monotonic()) * 1000))
         events = dict(poller.poll(wait_ms))
+        more = False
         if self._wake_recv in events:
-            while self._wake_recv.poll(0):
-                self._wake_recv.recv()
-            while True:
+            for _ in range(TURN_BUDGET):  # wake-ups only say "look at the queue"; at most one each
                 try:
-                    command = self._commands.get_nowait()
-                except queue.Empty:
+                    self._wake_recv.recv(zmq.NOBLOCK)
+                except zmq.Again:
                     break
-                if command[0] == "close":
-                    self._shutdown()
-                    return None
-                self._run_command(command, poller)
+        for _ in range(TURN_BUDGET):
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if command[0] == "close":
+                self._shutdown()
+                return None
+            self._run_command(command, poller)
+        else:
+            more = True
         if self._router is not None and self._router in events:
-            while self._router.poll(0):
-                self._on_router_message(self._router.recv_multipart(copy=False))
+            more |= self._drain(self._router, self._on_router_message)
         for link in list(self._links.values()):
-            if link.socket is not None and link.socket in events:
-                while link.socket.poll(0):
-                    self._on_dealer_message(link, link.socket.recv_multipart(copy=False))
+            if link.socket is not None and link.socket in events and not link.failed:
+                more |= self._drain(link.socket, lambda frames, link=link: self._on_dealer_message(link, frames))
+        for dealer in [d for d in self._connecting if d in events]:
+            self._on_connect_reply(poller, self._connecting.pop(dealer))
+        for link in list(self._links.values()):
+            if link.outbox and not link.failed:
+                self._flush(link)
         self._advance_serves()
         self._complete_pulls()
+        self._expire_connects(poller)
+        return more
+
+    @staticmethod
+    def _drain(sock: zmq.Socket, handle) -> bool:
+        """Hand at most TURN_BUDGET waiting messages of ``sock`` to ``handle``; True if more wait."""
+        for _ in range(TURN_BUDGET):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return False
+            handle(frames)
         return True
+
+    # ------------------------------------------------------------------ sending without blocking
+    def _send(self, link: _Link, *frames, copy: bool = True) -> bool:
+        """Hand a message for ``link``'s peer to ZeroMQ without blocking; False if the link is down.
+
+        A peer that does not read (stopped, gone, or slower than we send) makes ZeroMQ refuse
+        the message once its queue is full: it then waits in the link's outbox, behind which later
+        messages queue in order, and the outbox is flushed each turn. A full outbox fails the link.
+        """
+        if link.failed:
+            return False
+        if link.outbox:
+            if len(link.outbox) >= self.outbox_limit:
+                self._fail_link(link, f"control queue full: peer not reading ({len(link.outbox)} messages queued)")
+                return False
+            link.outbox.append((frames, copy))
+            return True
+        try:
+            self._send_now(link, frames, copy)
+        except zmq.Again:
+            link.outbox.append((frames, copy))
+        except zmq.ZMQError as exc:  # ROUTER_MANDATORY: EHOSTUNREACH, the peer disconnected
+            self._fail_link(link, f"cannot reach peer: {exc}")
+            return False
+        return True
+
+    def _send_now(self, link: _Link, frames, copy: bool) -> None:
+        if link.socket is not None:
+            link.socket.send_multipart(frames, zmq.NOBLOCK, copy=copy)
+        else:
+            self._router.send_multipart([link.identity, *frames], zmq.NOBLOCK, copy=copy)
+
+    def _flush(self, link: _Link) -> None:
+        while link.outbox:
+            frames, copy = link.outbox[0]
+            try:
+                self._send_now(link, frames, copy)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                self._fail_link(link, f"cannot reach peer: {exc}")
+                return
+            link.outbox.popleft()
+
+    def _reply_to(self, identity: bytes, data: bytes) -> None:
+        """A handshake answer to a peer that has no link (yet): dropped if it cannot be sent at once."""
+        try:
+            self._router.send_multipart([identity, data], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("kvlink %s: could not answer peer %r: %s", self.name, identity, exc)
+
+    def _drop_late(self, what: str, peer: str) -> None:
+        """A message for a transfer that already ended (cancelled, failed, timed out): expected after
+        faults, so counted (``stats()``) and logged at debug level only."""
+        self._late_messages += 1
+        log.debug("kvlink %s: dropped late %s from %s", self.name, what, peer)
 
     def _run_command(self, command, poller) -> None:
         kind, *args = command
         reply = args[-1] if kind in ("connect", "cancel_request") else None
         try:
             if kind == "connect":
-                reply[1]["result"] = self._connect(args[0], args[1], poller)
+                self._start_connect(args[0], args[1], reply, poller)
+                reply = None  # answered when the WELCOME arrives or the handshake times out
             elif kind == "pull":
                 self._start_pull(*args)
             elif kind == "track":
@@ -816,8 +958,7 @@ class Endpoint:
                 pass  # _progress() picks up self._tracked
             elif kind == "release":
                 link, request = args
-                if not link.failed:
-                    link.socket.send(control.encode("RELEASE", request=request))
+                self._send(link, control.encode("RELEASE", request=request))
             elif kind == "cancel":
                 self._cancel_pull(args[0])
             elif kind == "cancel_request":
@@ -833,6 +974,9 @@ class Endpoint:
         except Exception as exc:
             if reply is not None:
                 reply[1]["error"] = exc
+            elif kind == "connect":
+                args[-1][1]["error"] = exc
+                args[-1][0].set()
             elif kind in ("pull", "track"):
                 args[1]._finish(f"could not start: {exc}")
                 self._release_counter(args[1], failed=True)
@@ -841,7 +985,6 @@ class Endpoint:
         finally:
             if reply is not None:
                 reply[0].set()
-
     # ------------------------------------------------------------------ handshake
     def _transports(self, with_ipc: bool = True) -> list[str]:
         """What this endpoint can link with, best first."""
@@ -852,48 +995,92 @@ class Endpoint:
         offered += ["nccl"] if self.on_gpu and nccl.available() else []
         return offered + ["host"]
 
-    def _hello(self, with_ipc: bool = True) -> bytes:
+    def _hello(self, with_ipc: bool = True) -> tuple[bytes, bytes | None]:
+        """Our HELLO, and the nonce its credentials carry (with a shared secret)."""
         device = ""
         if self.on_gpu:
             device = str(torch.cuda.get_device_properties(self.device_index).uuid)
         transports = self._transports(with_ipc)
-        credentials = None
+        credentials = nonce = None
         if self._secret:
-            credentials, self._hello_nonce = auth.hello_auth(self._secret, self.name, self.layout.fingerprint)
+            credentials, nonce = auth.hello_auth(self._secret, self.name, self.layout.fingerprint)
         return control.encode("HELLO", endpoint=self.name, fingerprint=self.layout.fingerprint,
                               layout=self.layout.to_dict(), transports=transports, host=pysocket.gethostname(),
                               pid=os.getpid(), device=device, chunk_bytes=self.chunk_bytes,
-                              ipc=self._ipc_counters if "ipc" in transports else None, auth=credentials)
+                              ipc=self._ipc_counters if "ipc" in transports else None, auth=credentials), nonce
 
-    def _connect(self, address: str, timeout: float, poller, with_ipc: bool = True) -> str:
+    def _start_connect(self, address: str, timeout: float, reply, poller, with_ipc: bool = True) -> None:
+        """Send our HELLO to ``address``; the WELCOME is handled by a later turn (_on_connect_reply),
+        so a peer slow to answer, or not there at all, never holds up the other links."""
         dealer = self._context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         # control messages and host-transport chunks (at most our chunk size) come in here
         dealer.setsockopt(zmq.MAXMSGSIZE, max(control.MAX_CONTROL_BYTES, self.chunk_bytes + HEADER_BYTES))
-        dealer.connect(address)
-        dealer.send(self._hello(with_ipc))
-        if not dealer.poll(int(timeout * 1000)):
+        try:
+            dealer.connect(address)
+            hello, nonce = self._hello(with_ipc)
+            dealer.send(hello, zmq.NOBLOCK)  # a fresh socket's queue is empty: this never waits
+        except Exception:
             dealer.close()
-            raise TimeoutError(f"endpoint {self.name}: no answer to HELLO from {address} within {timeout:.1f} s")
-        reply = control.decode(dealer.recv())
+            raise
+        pending = _Connecting(address, dealer, timeout, time.monotonic() + timeout, reply, with_ipc, nonce)
+        self._connecting[dealer] = pending
+        poller.register(dealer, zmq.POLLIN)
+
+    def _expire_connects(self, poller) -> None:
+        now = time.monotonic()
+        for dealer, pending in list(self._connecting.items()):
+            if now > pending.deadline:
+                del self._connecting[dealer]
+                self._end_connect(poller, pending, TimeoutError(
+                    f"endpoint {self.name}: no answer to HELLO from {pending.address} within {pending.timeout:.1f} s"))
+
+    def _end_connect(self, poller, pending: _Connecting, error: Exception | None = None, result=None,
+                     keep_dealer: bool = False) -> None:
+        if not keep_dealer:
+            poller.unregister(pending.dealer)
+            pending.dealer.close(linger=0)
+        done, box = pending.reply
+        if error is not None:
+            box["error"] = error
+        else:
+            box["result"] = result
+        done.set()
+
+    def _on_connect_reply(self, poller, pending: _Connecting) -> None:
+        try:
+            name = self._finish_connect(poller, pending)
+        except Exception as exc:
+            self._end_connect(poller, pending, exc)
+            return
+        if name is not None:
+            self._end_connect(poller, pending, result=name, keep_dealer=True)
+
+    def _finish_connect(self, poller, pending: _Connecting) -> str | None:
+        """The WELCOME is in: set the link up; its name, or None when we link again without ipc."""
+        address, dealer = pending.address, pending.dealer
+        try:
+            reply = control.decode(dealer.recv(zmq.NOBLOCK))
+        except zmq.Again:  # woken without a message: wait on
+            self._connecting[dealer] = pending
+            return None
         if reply["type"] == "REJECT":
-            dealer.close()
             raise ConnectionRefusedError(f"{address} refused the link: {reply['reason']}")
         if reply["type"] != "WELCOME":
-            dealer.close()
             raise ProtocolError(f"expected WELCOME from {address}, got {reply['type']}")
         if self._secret:
             try:
-                auth.check_welcome(self._secret, self._hello_nonce, reply["endpoint"], reply["auth"])
+                auth.check_welcome(self._secret, pending.nonce, reply["endpoint"], reply["auth"])
             except auth.AuthError as exc:
-                dealer.send(control.encode("BYE", reason="authentication failed"))
-                dealer.close()
+                try:
+                    dealer.send(control.encode("BYE", reason="authentication failed"), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # the peer learns it from the closed connection all the same
                 raise ConnectionRefusedError(f"{address}: {exc}") from None
         link = _Link(name=reply["endpoint"], role="decode", transport=reply["transport"],
                      remote_layout=reply["layout"], chunk_bytes=reply["chunk_bytes"], socket=dealer)
         live = [l for l in self._links.values() if not l.failed and l.name != link.name]
         if len(live) >= self.max_links:
-            dealer.close()
             raise ConnectionRefusedError(f"{self.name} already has {len(live)} live links (max_links={self.max_links})")
         if link.transport == "ipc":
             link.stream = torch.cuda.Stream(self.layout.device)
@@ -908,21 +1095,23 @@ class Endpoint:
             except (ipc.IPCError, KeyError, TypeError, ValueError) as exc:
                 if link.peer_memory is not None:
                     link.peer_memory.close()
-                dealer.close()
                 if self.transport == "ipc":
                     raise ConnectionError(f"CUDA IPC with {link.name} at {address} failed: {exc}") from exc
                 log.warning("kvlink %s: CUDA IPC with %s failed (%s); linking again without it", self.name,
                             link.name, exc)
-                return self._connect(address, timeout, poller, with_ipc=False)
+                poller.unregister(dealer)
+                dealer.close(linger=0)
+                self._start_connect(address, pending.timeout, pending.reply, poller, with_ipc=False)
+                return None
         if link.transport == "nccl":
-            link.comm = nccl.Communicator(reply["nccl_id"], 1, self.device_index, timeout=timeout, peer=link.name)
+            link.comm = nccl.Communicator(reply["nccl_id"], 1, self.device_index, timeout=pending.timeout,
+                                          peer=link.name)
             link.stream = torch.cuda.Stream(self.layout.device)
             self._ensure_slots(link.chunk_bytes)
         old = self._links.get(link.name)
         if old is not None:
             self._fail_link(old, "replaced by a new link")
         self._links[link.name] = link
-        poller.register(dealer, zmq.POLLIN)
         self._log_link(link, address)
         return link.name
 
@@ -943,7 +1132,7 @@ class Endpoint:
                 raise ValueError(f"{self.name} already has {len(live)} live links (max_links={self.max_links})")
         except ValueError as exc:
             log.error("kvlink %s: refusing %s: %s", self.name, peer, exc)
-            self._router.send_multipart([identity, control.encode("REJECT", reason=str(exc))])
+            self._reply_to(identity, control.encode("REJECT", reason=str(exc)))
             return
         ours = set(self._transports())
         same_gpu = self.on_gpu and message["device"] == str(torch.cuda.get_device_properties(self.device_index).uuid)
@@ -966,14 +1155,14 @@ class Endpoint:
         if transport is None:
             reason = f"no common transport: ours {sorted(ours)}, theirs {message['transports']}" + \
                 (" (same GPU: NCCL cannot link a GPU to itself)" if same_gpu else "")
-            self._router.send_multipart([identity, control.encode("REJECT", reason=reason)])
+            self._reply_to(identity, control.encode("REJECT", reason=reason))
             return
         chunk_bytes = min(self.chunk_bytes, message["chunk_bytes"])
         nccl_id = nccl.unique_id() if transport == "nccl" else None
-        self._router.send_multipart([identity, control.encode(
+        self._reply_to(identity, control.encode(
             "WELCOME", endpoint=self.name, transport=transport, nccl_id=nccl_id, chunk_bytes=chunk_bytes,
             layout=self.layout.to_dict(), ipc=self._ipc_cache if transport == "ipc" else None,
-            auth=auth.welcome_auth(self._secret, hello_nonce, self.name) if hello_nonce else None)])
+            auth=auth.welcome_auth(self._secret, hello_nonce, self.name) if hello_nonce else None))
         link = _Link(name=peer, role="prefill", transport=transport, remote_layout=message["layout"],
                      chunk_bytes=chunk_bytes, identity=identity, peer_memory=peer_counters)
         if transport == "ipc":
@@ -1021,8 +1210,11 @@ class Endpoint:
     def _start_pull(self, link: _Link, handle: TransferHandle, dst_sel, src_ids, src_heads, boxes) -> None:
         handle._dst = (dst_sel, boxes)
         handle._chunks_done = 0
+        if link.failed:  # it went down after pull() looked
+            handle._finish(f"link failed: {link.failed}")
+            return
         link.pending[handle.xfer] = handle
-        link.socket.send(control.encode(
+        self._send(link, control.encode(
             "PULL", xfer=handle.xfer, request=handle.request, src_blocks=src_ids.tolist(),
             num_tokens=dst_sel.num_tokens, layers=[dst_sel.layer_start, dst_sel.layer_stop],
             heads=list(src_heads), chunks=[list(b) for b in boxes], layerwise=handle.layerwise, counter=[0, 0],
@@ -1044,7 +1236,6 @@ class Endpoint:
             handle._finish()  # the copy had finished: nothing left to cancel
             return
         handle._finish("cancelled by the decode side", cancelled=True)
-        self._cancelled_xfers.append(handle.xfer)
         if link is None or link.failed:
             self._release_counter(handle, failed=True)
             return
@@ -1052,7 +1243,7 @@ class Endpoint:
             link.pending.pop(handle.xfer, None)
         # NOTE: a GPU pull stays pending until its queued work is done (_complete_pulls then sends
         # NOTIFY ok=False and frees an ipc layer counter, letting its waiting copies run).
-        link.socket.send(control.encode("CANCEL", xfer=handle.xfer, request=handle.request))
+        self._send(link, control.encode("CANCEL", xfer=handle.xfer, request=handle.request))
 
     def _track_ipc_pull(self, link: _Link, handle: TransferHandle, dst_sel) -> None:
         """Watch an ipc pull queued by pull(); a layer-wise one tells the prefill side its counter."""
@@ -1063,7 +1254,7 @@ class Endpoint:
         link.pending[handle.xfer] = handle
         if handle._counter is not None:
             slot, base, _ = handle._counter
-            link.socket.send(control.encode(
+            self._send(link, control.encode(
                 "PULL", xfer=handle.xfer, request=handle.request, src_blocks=[], num_tokens=dst_sel.num_tokens,
                 layers=[dst_sel.layer_start, dst_sel.layer_stop], heads=[0, 0], chunks=[], layerwise=True,
                 counter=[slot, base], checksum=False, wire=""))
@@ -1120,8 +1311,9 @@ class Endpoint:
             return
         handle = link.pending.get(message.get("xfer"))
         if handle is None:
-            if kind in ("DATA", "FAILED") and message.get("xfer") not in self._cancelled_xfers:  # SENT may trail
-                log.warning("kvlink %s: %s for unknown transfer %s from %s", self.name, kind, message.get("xfer"), link.name)
+            # a transfer that ended here already (cancelled, refused, failed): its chunks and
+            # reports still in flight arrive late, thousands of them after a stalled peer resumes
+            self._drop_late(f"{kind} of transfer {message.get('xfer')}", link.name)
             return
         if kind == "FAILED":
             # NOTE: a layer-wise ipc pull's copies are queued already and run once its counter is
@@ -1186,9 +1378,8 @@ class Endpoint:
                 if handle.done():
                     del link.pending[xfer]
                     self._release_counter(handle, failed=handle.error is not None)
-                    if link.failed is None:
-                        link.socket.send(control.encode("NOTIFY", xfer=xfer, request=handle.request,
-                                                        ok=handle.error is None))
+                    self._send(link, control.encode("NOTIFY", xfer=xfer, request=handle.request,
+                                                    ok=handle.error is None))
 
     # ------------------------------------------------------------------ prefill side
     def _on_router_message(self, frames) -> None:
@@ -1205,6 +1396,9 @@ class Endpoint:
         link = next((l for l in self._links.values() if l.identity == identity), None)
         if link is None:
             log.warning("kvlink %s: %s from an unknown peer, ignored", self.name, kind)
+            return
+        if link.failed:  # the link's transfers ended with it; what the peer still sends is late
+            self._drop_late(kind, link.name)
             return
         link.last_seen = time.monotonic()
         if kind == "PULL":
@@ -1263,8 +1457,7 @@ class Endpoint:
                            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 for v in b)]
             log.error("kvlink %s: refusing pull %d (request %r) from %s: %s", self.name, serve.xfer, serve.request,
                       link.name, exc)
-            self._router.send_multipart([link.identity, control.encode("FAILED", xfer=serve.xfer, reason=serve.refused,
-                                                                       whole=True)])
+            self._send(link, control.encode("FAILED", xfer=serve.xfer, reason=serve.refused, whole=True))
             if link.transport != "nccl":
                 return
         link.serves.append(serve)
@@ -1288,8 +1481,8 @@ class Endpoint:
                 log.info("kvlink %s: pull %d (request %r) to %s stopped: %s", self.name, serve.xfer, serve.request,
                          link.name, reason)
                 if tell_decode:
-                    self._router.send_multipart([link.identity, control.encode(
-                        "FAILED", xfer=serve.xfer, reason=reason, whole=serve.next_chunk == 0)])
+                    self._send(link, control.encode(
+                        "FAILED", xfer=serve.xfer, reason=reason, whole=serve.next_chunk == 0))
         return stopped
 
     def _on_ipc_pull(self, link: _Link, message: dict) -> None:
@@ -1308,8 +1501,7 @@ class Endpoint:
         except (ValueError, ProtocolError) as exc:
             log.error("kvlink %s: refusing pull %d (request %r) from %s: %s", self.name, serve.xfer, serve.request,
                       link.name, exc)
-            self._router.send_multipart([link.identity, control.encode("FAILED", xfer=serve.xfer, reason=str(exc),
-                                                                       whole=True)])
+            self._send(link, control.encode("FAILED", xfer=serve.xfer, reason=str(exc), whole=True))
             return
         serve.boxes = [(layer, layer + 1, 0, serve.num_tokens) for layer in range(*layers)]
         serve.counter = counter
@@ -1337,8 +1529,8 @@ class Endpoint:
                 log.exception("kvlink %s: serving pull %d (request %r) to %s failed", self.name, serve.xfer,
                               serve.request, link.name)
                 link.serves.pop(0)
-                self._router.send_multipart([link.identity, control.encode(
-                    "FAILED", xfer=serve.xfer, reason=f"prefill side error: {exc}", whole=False)])
+                self._send(link, control.encode(
+                    "FAILED", xfer=serve.xfer, reason=f"prefill side error: {exc}", whole=False))
                 if link.transport == "nccl":  # the chunk stream is out of step with the receiver's
                     self._fail_link(link, f"serving request {serve.request!r} failed: {exc}")
                 break
@@ -1348,8 +1540,8 @@ class Endpoint:
                 self._ready_pulls_left[serve.request] = left  # other decode ranks still read these layers
             else:
                 self._forget_ready_layers(serve.request)
-            self._router.send_multipart([link.identity, control.encode(
-                "SENT", xfer=serve.xfer, enqueue_seconds=serve.enqueue_seconds)])
+            self._send(link, control.encode(
+                "SENT", xfer=serve.xfer, enqueue_seconds=serve.enqueue_seconds))
 
     def _serve_chunks(self, link: _Link, serve: _Serve) -> bool:
         """Issue the chunks whose layers are ready; True when every chunk is issued."""
@@ -1375,6 +1567,8 @@ class Endpoint:
                 self._send_nccl_chunk(link, serve, box, ready, nbytes)
                 serve.enqueue_seconds += time.perf_counter() - started
             else:
+                if link.outbox:  # the peer reads slower than we pack: wait for it, holding no more chunks
+                    return False
                 if sent == HOST_CHUNKS_PER_TURN:
                     self._more_to_send = True
                     return False
@@ -1420,8 +1614,10 @@ class Endpoint:
     def _send_host_chunk(self, link: _Link, serve: _Serve, box: Box, nbytes: int | None) -> None:
         if serve.refused is not None:
             return
-        self._router.send_multipart([link.identity, control.encode("DATA", xfer=serve.xfer, chunk=serve.next_chunk),
-                                     self._host_chunk(serve, box, nbytes)], copy=False)
+        payload = self._host_chunk(serve, box, nbytes)
+        if self._serve_hook is not None:
+            payload = self._serve_hook(serve.request, serve.next_chunk, payload)
+        self._send(link, control.encode("DATA", xfer=serve.xfer, chunk=serve.next_chunk), payload, copy=False)
 
     def _host_chunk(self, serve: _Serve, box: Box, nbytes: int) -> np.ndarray:
         """The packed chunk of ``box`` as host bytes, with its payload checksum if asked for."""
@@ -1443,17 +1639,12 @@ class Endpoint:
                 self._forget_ready_layers(request)
         beat = control.encode("HEARTBEAT")
         for link in list(self._links.values()):
-            if link.failed:
-                continue
-            try:
-                if link.socket is not None:
-                    link.socket.send(beat, zmq.NOBLOCK)
-                else:
-                    self._router.send_multipart([link.identity, beat], zmq.NOBLOCK)
-            except zmq.ZMQError as exc:
-                self._fail_link(link, f"cannot reach peer: {exc}")
-                continue
-            if now - link.last_seen > self.timeout:
+            if not link.failed and not link.outbox:  # a queue already ahead tells the peer we live
+                self._send(link, beat)
+
+    def _check_liveness(self, now: float) -> None:
+        for link in list(self._links.values()):
+            if not link.failed and now - link.last_seen > self.timeout:
                 self._fail_link(link, f"no message for {now - link.last_seen:.1f} s (timeout {self.timeout:.1f} s)")
 
     def _fail_link(self, link: _Link, reason: str, level: int = logging.ERROR) -> None:
@@ -1466,22 +1657,40 @@ class Endpoint:
             self._release_counter(handle, failed=True)
         link.pending.clear()
         link.serves.clear()
+        link.outbox.clear()
         if link.comm is not None:
             link.comm.abort()
+        if link.socket is not None:
+            # nothing more is read from or sent to this peer; closing tells it so at once (a peer
+            # resumed after a stop finds the connection gone and its transfers to us failed)
+            self._poller.unregister(link.socket)
+            link.socket.close(linger=0)
+            link.socket = None
 
     def _shutdown(self) -> None:
         while self._tracked:  # ipc pulls launched but not yet watched: finished below like the others
             link, handle, _ = self._tracked.popleft()
             link.pending[handle.xfer] = handle
+        while True:  # commands that came too late: their callers learn it now, not at their timeout
+            try:
+                kind, *args = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if kind in ("connect", "cancel_request"):
+                args[-1][1]["error"] = RuntimeError(f"endpoint {self.name} is closed")
+                args[-1][0].set()
+            elif kind in ("pull", "track", "cancel"):
+                args[1 if kind != "cancel" else 0]._finish("endpoint closed")
+        for pending in self._connecting.values():
+            self._end_connect(self._poller, pending, RuntimeError(f"endpoint {self.name} is closed"))
+        self._connecting.clear()
         bye = control.encode("BYE", reason=f"{self.name} closed")
         for link in self._links.values():
-            try:
-                if link.socket is not None:
-                    link.socket.send(bye, zmq.NOBLOCK)
-                elif self._router is not None:
-                    self._router.send_multipart([link.identity, bye], zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+            if not link.failed:
+                try:
+                    self._send_now(link, [bye], True)
+                except zmq.ZMQError:
+                    pass  # best effort: the peer's liveness check tells it all the same
             for handle in link.pending.values():
                 handle._finish("endpoint closed")
                 self._release_counter(handle, failed=True)

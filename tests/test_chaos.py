@@ -113,6 +113,11 @@ class GcPauses:
         else:
             self.pauses.append((self._started, time.perf_counter() - self._started))
 
+    def within(self, start: float, seconds: float) -> float:
+        """Seconds of collection inside [start, start + seconds]."""
+        end = start + seconds
+        return sum(max(0.0, min(end, s + d) - max(start, s)) for s, d in self.pauses)
+
     def report(self, since: float) -> str:
         after = [seconds for start, seconds in self.pauses if start >= since]
         return f"{len(after)} collections, longest {max(after, default=0) * 1e3:.1f} ms"
@@ -257,9 +262,10 @@ class PullsFromB:
         self.problems: list[str] = []
         self.stalls = 0
 
-    def slowest(self, since: float, count: int = 3) -> str:
+    def slowest(self, since: float, gc_pauses: "GcPauses", count: int = 3) -> str:
         worst = sorted(zip(self.latencies, self.at), reverse=True)[:count]
-        return ", ".join(f"{latency * 1e3:.1f} ms at {at - since:+.2f} s" for latency, at in worst)
+        return ", ".join(f"{latency * 1e3:.1f} ms at {at - since:+.2f} s (gc {gc_pauses.within(at, latency) * 1e3:.1f} ms)"
+                         for latency, at in worst)
 
     def pull(self) -> None:
         self.seq += 1
@@ -465,7 +471,7 @@ def test_chaos_one_prefill_dies_while_the_other_serves(fault, device, generator,
         bounds.check(f"B's pulls within {B_BOUND * 1e3:.0f} ms, byte-exact",
                      not from_b.problems and from_b.latencies and max(from_b.latencies) <= B_BOUND
                      and len(from_b.latencies) == from_b.seq,
-                     f"{stats(from_b.latencies)} (slowest {from_b.slowest(t_fault)} from the fault); "
+                     f"{stats(from_b.latencies)} (slowest {from_b.slowest(t_fault, gc_pauses)} from the fault); "
                      f"{len(from_b.problems)} problems {from_b.problems[:3]}"
                      + (f"; {late_window}" if late_window else ""))
 
@@ -491,6 +497,11 @@ def test_chaos_one_prefill_dies_while_the_other_serves(fault, device, generator,
                      f"{restart_problems[:3] or 'byte-exact'}")
 
         # ---------------------------------------------------------------- close
+        if callable(getattr(decode, "stats", None)):  # counters, where the endpoint offers them (diagnostics)
+            try:
+                print(f"decode endpoint stats: {decode.stats()}")
+            except Exception as exc:  # noqa: BLE001 - diagnostics only
+                print(f"decode endpoint stats: {type(exc).__name__}: {exc}")
         endpoint_threads = [t for t in threading.enumerate() if t not in baseline_threads]
         started = time.perf_counter()
         decode.close()
