@@ -264,8 +264,8 @@ class PullsFromB:
 
     def slowest(self, since: float, gc_pauses: "GcPauses", count: int = 3) -> str:
         worst = sorted(zip(self.latencies, self.at), reverse=True)[:count]
-        return ", ".join(f"{latency * 1e3:.1f} ms at {at - since:+.2f} s (gc {gc_pauses.within(at, latency) * 1e3:.1f} ms)"
-                         for latency, at in worst)
+        return ", ".join(f"{latency * 1e3:.1f} ms at {at - since:+.2f} s "
+                         f"(gc {gc_pauses.within(at, latency) * 1e3:.1f} ms)" for latency, at in worst)
 
     def pull(self) -> None:
         self.seq += 1
@@ -427,7 +427,8 @@ def test_chaos_one_prefill_dies_while_the_other_serves(fault, device, generator,
         print(f"cancels: {to_a.cancels} ({to_a.cancels_in_flight} of pulls in flight, {to_a.cancels_true} returned "
               f"True); time {stats(to_a.cancel_seconds)}")
         print(f"pulls from B: {from_b.seq}, latency {stats(from_b.latencies)}")
-        print(f"garbage collector since the fault: {gc_pauses.report(t_fault)}")
+        print(f"garbage collector since the fault: {gc_pauses.report(t_fault)}; load average "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
         # ---------------------------------------------------------------- SIGSTOP: resume, late data
         late_window = None
