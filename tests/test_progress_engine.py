@@ -92,7 +92,7 @@ def test_pulls_to_a_killed_prefill_fail_and_the_endpoint_goes_on(decode_layout, 
             restarted.stop()
         started = time.monotonic()
         endpoint.close(timeout=BOUND)
-        assert time.monotonic() - started < BOUND and not endpoint._thread.is_alive()
+        assert time.monotonic() - started < BOUND and not endpoint.alive
     finally:
         doomed.stop()
         healthy.stop()
@@ -276,7 +276,7 @@ def test_close_returns_within_its_timeout_with_everything_under_way(decode_layou
         connecting = endpoint.connect_async(silent.address.replace(silent.address.rsplit(":", 1)[1], "1"), timeout=60)
         started = time.monotonic()
         endpoint.close(timeout=BOUND)
-        assert time.monotonic() - started < BOUND and not endpoint._thread.is_alive()
+        assert time.monotonic() - started < BOUND and not endpoint.alive
         for handle in handles:
             with pytest.raises(kvlink.TransferError, match="endpoint closed"):
                 handle.wait(0)

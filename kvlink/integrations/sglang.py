@@ -41,7 +41,7 @@ import torch
 
 import kvlink
 from kvlink import presets
-from kvlink.endpoint import DEFAULT_TIMEOUT
+from kvlink.config import default_timeout
 from kvlink.resharding import ReleaseTracker, plan_resharding, pull_resharded
 
 log = logging.getLogger("kvlink.sglang")
@@ -251,7 +251,7 @@ class KVLinkKVManager(BaseKVManager):
         self.mode = _mode_name(disaggregation_mode)
         self.is_mla = bool(is_mla_backend)
         self.engine_rank = int(getattr(args, "engine_rank", 0))
-        self.timeout = float(getattr(server_args, "disaggregation_transfer_timeout", None) or DEFAULT_TIMEOUT)
+        self.timeout = float(getattr(server_args, "disaggregation_transfer_timeout", None) or default_timeout())
         self.lease_seconds = float(getattr(server_args, "kvlink_lease_seconds", None) or 4 * self.timeout)
         self.layout = layout_from_kvargs(args, server_args, self.is_mla)
         heads = 1 if self.is_mla else int(getattr(args, "total_kv_head_num", 0) or args.kv_head_num)
@@ -377,7 +377,7 @@ class KVLinkKVSender(BaseKVSender):
         pass
 
     def abort(self) -> None:
-        self.mgr.endpoint.cancel(_room_key(self.room))
+        self.mgr.endpoint.cancel_serving(_room_key(self.room))
         self._fail("aborted")
 
 

@@ -45,7 +45,7 @@ import torch
 
 import kvlink
 from kvlink import presets
-from kvlink.endpoint import DEFAULT_TIMEOUT
+from kvlink.config import default_timeout
 from kvlink.resharding import ReleaseTracker, plan_resharding, pull_resharded
 
 log = logging.getLogger("kvlink.vllm")
@@ -201,7 +201,7 @@ class KVLinkConnector(KVConnectorBase_V1):
         self.is_producer = kv_role in ("kv_producer", "kv_both")
         self.is_consumer = kv_role in ("kv_consumer", "kv_both")
         self.tp_size = _tp_size(vllm_config)
-        self.timeout = float(self._extra.get("timeout", DEFAULT_TIMEOUT))
+        self.timeout = float(self._extra["timeout"] if "timeout" in self._extra else default_timeout())
         self.lease_seconds = float(self._extra.get("lease_seconds", 120.0))
         self.block_size = int(getattr(getattr(vllm_config, "cache_config", None), "block_size", 16) or 16)
         # scheduler side
