@@ -91,6 +91,11 @@ class TransferHandle:
 
     # ------------------------------------------------------------------ public
     @property
+    def device(self) -> int | None:
+        """The GPU (index) of the destination cache; None for a CPU cache."""
+        return self._device
+
+    @property
     def chunks_landed(self) -> int:
         """Chunks unpacked into the destination blocks so far (host transport; GPU transports
         report their chunks at completion)."""

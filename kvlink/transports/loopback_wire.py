@@ -29,6 +29,9 @@ from kvlink import cuda_driver, kernels
 
 _PAIRS: dict[bytes, "LoopbackPair"] = {}  # id (sent in the WELCOME as the "nccl_id") -> pair
 _PAIRS_LOCK = threading.Lock()
+# this process's totals, for tests: bytes the stand-in copied, and send/recv pairs of different
+# sizes (NCCL would fail those; the stand-in copies the smaller size and counts it: a kvlink bug)
+STATS = {"copied_bytes": 0, "size_mismatches": 0}
 
 
 def unavailable() -> str | None:
@@ -79,8 +82,6 @@ class LoopbackPair:
         self.posted = [0, 0]  # calls posted per direction (0: send, 1: recv)
         self.waiting = (collections.deque(), collections.deque())  # (ptr, nbytes, event, number) per direction
         self.aborted = False
-        self.size_mismatches = 0  # a send and its recv of different sizes: a kvlink bug (NCCL would fail)
-        self.copied_bytes = 0
 
     def post(self, direction: int, ptr: int, nbytes: int, stream: torch.cuda.Stream) -> None:
         with self.lock:
@@ -105,14 +106,14 @@ class LoopbackPair:
         (src, send_bytes, send_prior, number), (dst, recv_bytes, recv_prior, recv_number) = send, recv
         assert number == recv_number  # matched in order
         if send_bytes != recv_bytes:
-            self.size_mismatches += 1
+            STATS["size_mismatches"] += 1
         stream = self.copy_stream
         stream.wait_event(send_prior)
         stream.wait_event(recv_prior)
         nbytes = min(send_bytes, recv_bytes)
         with cupy.cuda.Device(self.device_index):
             cupy.cuda.runtime.memcpyAsync(dst, src, nbytes, cupy.cuda.runtime.memcpyDeviceToDevice, stream.cuda_stream)
-        self.copied_bytes += nbytes
+        STATS["copied_bytes"] += nbytes
         for direction in (1, 0):  # the bytes are in (receiver), then they are out (sender)
             cuda_driver.stream_write_value(stream.cuda_stream, self._flag(direction), number)
 
