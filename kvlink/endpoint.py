@@ -240,7 +240,7 @@ class Endpoint:
         op = link.transport.prepare_pull(link, req)
         handle = TransferHandle(next(self._xfer_ids), request, peer, layerwise, timeout=self.config.timeout,
                                 canceller=lambda h: self._engine.post(link.transport.cancel, link, h),
-                                device=self.device_index)
+                                device=self.device_index, op=op)
         self._pulls_by_request[(peer, request)] = handle
         link.transport.start_pull(link, handle, op)
         return handle
@@ -267,9 +267,7 @@ class Endpoint:
         if not isinstance(request, str) or not request or len(request) > 1024:
             raise ArgumentTypeError(f"request must be a str id of 1 to 1024 characters, got {request!r:.80}")
         self._check_open()
-        if link.failed:
-            raise LinkDown(f"request {request!r} from {peer}: link is down ({link.failed})")
-        self._engine.post(self._engine.send, link, control.encode("RELEASE", request=request))
+        self._engine.post(self._engine.send, link, control.encode("RELEASE", request=request))  # a no-op once down
 
     # ================================================================== prefill side
     def layer_ready(self, request: str, layer: int, stream: torch.cuda.Stream | None = None, *,

@@ -10,6 +10,9 @@ the transports call (no one writes a handle's fields from outside):
     _started_on_host()                      the pull is under way with no GPU event (host transport)
     _landed()                               one more chunk is in the destination blocks
     _finish(error, ...)                     complete it, once; later calls are no-ops
+    _ended(), _elapsed(), _gpu_work_done()  whether it is complete, its age, whether its GPU work ran
+
+``_op`` is the transport's own record of the pull (given at construction, opaque here).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ class TransferHandle:
     """
 
     def __init__(self, xfer: int, request: str, peer: str, layerwise: bool, *, timeout: float,
-                 canceller=None, device: int | None = None):
+                 canceller=None, device: int | None = None, op=None):
         self.xfer, self.request, self.peer = xfer, request, peer
         self.layerwise = layerwise
         self.stats = TransferStats()
@@ -87,7 +90,7 @@ class TransferHandle:
         self._chunks_landed = 0
         self._refused_at: float | None = None  # when the verdict first said WAIT
         self._spin = False  # poll completion tightly (nothing left for the progress thread to do)
-        self._op = None  # the transport's own state of this pull (opaque here)
+        self._op = op  # the transport's own record of this pull (opaque here)
 
     # ------------------------------------------------------------------ public
     @property
@@ -199,15 +202,27 @@ class TransferHandle:
         if not self._enqueued.wait(self._timeout):
             raise KVLinkTimeout(f"request {self.request!r} from {self.peer}: transfer was never started")
 
-    def _gpu_work(self, done: torch.cuda.Event, layer_events: dict | None = None, verdict=None) -> None:
+    def _gpu_work(self, done: torch.cuda.Event, layer_events: dict | None = None, verdict=None, *,
+                  spin: bool = False) -> None:
         """The pull's GPU work is queued; ``done`` fires after its last write. ``verdict(final=False)``
         is asked once it fired: None (complete), WAIT (not yet: asked again with final=True after a
-        second), or (error, untouched, kind) to fail the pull."""
+        second), or (error, untouched, kind) to fail the pull. ``spin``: nothing is left for the
+        progress thread to do, so wait() may poll tightly at first."""
+        self._spin = spin
         self._event = done
         self._layer_events = layer_events or {}
         self._verdict = verdict
         self._touched = True
         self._enqueued.set()
+
+    def _ended(self) -> bool:
+        return self._finished.is_set()
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self._started
+
+    def _gpu_work_done(self) -> bool:
+        return self._event is not None and self._event.query()
 
     def _started_on_host(self) -> None:
         self._enqueued.set()

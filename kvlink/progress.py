@@ -159,6 +159,10 @@ class ProgressEngine:
         old = self.links.get(link.name)
         if old is not None:
             self.fail_link(old, "replaced by a new link", level=logging.INFO if link.role == "prefill" else logging.ERROR)
+            try:
+                old.transport.close_link(old)  # nothing will use it again: free its mappings, communicator
+            except Exception as exc:
+                log.error("kvlink %s: closing the replaced link to %s: %s", self.name, old.name, exc)
         self.links[link.name] = link
         if link.channel.identity is not None:
             self._by_identity[link.channel.identity] = link

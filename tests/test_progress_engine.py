@@ -313,3 +313,33 @@ def test_late_chunks_of_a_refused_pull_are_dropped_quietly(generator, caplog):
                 assert time.monotonic() < deadline, decode.stats()
                 time.sleep(0.01)
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "transfer" in r.getMessage()]
+
+
+def test_a_stopped_decode_holds_up_no_other_decode_and_its_link_fails(generator):
+    """Prefill side: a decode process is SIGSTOPped while a 32 MiB pull is being served to it; a
+    second decode's pulls are served meanwhile, and the stopped one's link fails within bounds."""
+    from engine_access import random_fill
+    from peer_process import DecodeProcess
+    shape = dict(num_layers=4, num_blocks=600, block_size=16, num_heads=4, head_dim=64)
+    link = dict(chunk_bytes=64 * 1024, timeout=TIMEOUT, heartbeat=0.1)
+    _, src = build_cache(PRESET, SEED, shape)
+    with kvlink.Endpoint(src, name="prefill", **link) as prefill:
+        doomed = DecodeProcess(PRESET, SEED + 1, shape, prefill.address,
+                               (list(range(512)), list(range(512)), 8192, False), **link)
+        assert doomed.started[1] > 0 and not doomed.started[2], doomed.started
+        os.kill(doomed.process.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            _, layout = kvlink.presets.allocate(PRESET, fill=random_fill(generator), **shape)
+            with kvlink.Endpoint(layout, name="other", listen=None, **link) as other:
+                peer = other.connect(prefill.address)
+                for i in range(4):
+                    other.pull(peer, f"meanwhile-{i}", [i], [590 + i], 16).wait(BOUND)
+                    assert torch.equal(packed(layout, [590 + i], 16), packed(src, [i], 16))
+                while not any(l["failed"] for l in prefill.links() if l["peer"] == "doomed-decode"):
+                    assert time.monotonic() - stopped < BOUND, prefill.links()
+                    time.sleep(0.02)
+                assert [l["failed"] is None for l in prefill.links() if l["peer"] == "other"] == [True]
+        finally:
+            os.kill(doomed.process.pid, signal.SIGCONT)
+            doomed.process.kill()

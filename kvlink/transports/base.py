@@ -148,7 +148,7 @@ class Transport:
 
     def cancel(self, link, handle) -> None:
         """Progress thread: end ``handle`` as cancelled and tell the prefill side to stop serving it."""
-        if handle._finished.is_set():
+        if handle._ended():
             return
         handle._finish("cancelled by the decode side", cancelled=True, kind=TransferCancelled)
         if link.failed:
@@ -219,7 +219,6 @@ class ChunkedTransport(Transport):
         handle.stats.payload_bytes = dst_sel.cache_bytes
         handle.stats.wire_bytes = dst_sel.payload_bytes
         handle.stats.chunks = len(op.boxes)
-        handle._op = op
         self.ctx.engine.post(self.begin, link, handle, on_error=lambda exc: _not_started(handle, exc))
 
     def begin(self, link, handle) -> None:

@@ -166,8 +166,6 @@ class IpcTransport(Transport):
         stamps = handle.stats.host_stamps
         stamps["called"], stamps["validated"] = req.called, started
         handle.stats.payload_bytes = handle.stats.wire_bytes = dst_sel.payload_bytes
-        handle._spin = True  # all of it is on the GPU now: poll completion tightly
-        handle._op = pull
         layer_events = {}
         with self._launch_lock, _on_device(self.ctx.device_index):
             stamps["locked"] = time.perf_counter()
@@ -198,7 +196,7 @@ class IpcTransport(Transport):
         # this thread's CPU time over the whole pull() so far: far below the wall time means it waited
         # (for the GIL, or the OS), not that the steps are slow
         handle.stats.pull_cpu_seconds = time.thread_time() - req.called_cpu
-        handle._gpu_work(done, layer_events)
+        handle._gpu_work(done, layer_events, spin=True)  # all of it is on the GPU now
         if req.layerwise:  # its PULL must reach the prefill side now
             self.ctx.engine.post(self.track, link, handle, on_error=lambda exc: self._not_tracked(link, handle, exc))
         else:
@@ -229,8 +227,7 @@ class IpcTransport(Transport):
         for queue in (link.state.plain, link.state.layered):
             while queue:
                 handle = queue[0]
-                if handle._op.counter is not None and not handle._finished.is_set() and \
-                        time.perf_counter() - handle._started > self.config.timeout:
+                if handle._op.counter is not None and not handle._ended() and handle._elapsed() > self.config.timeout:
                     # the oldest layer-wise pull is the first that can run out of time
                     handle._finish(f"layers not all ready within {self.config.timeout:.1f} s")
                 if not handle.done():
@@ -248,7 +245,7 @@ class IpcTransport(Transport):
             super().on_message(link, handle, kind, message, frames)
 
     def cancel(self, link, handle) -> None:
-        if not handle._finished.is_set() and handle._op.counter is None and handle._event.query():
+        if not handle._ended() and handle._op.counter is None and handle._gpu_work_done():
             handle._finish()  # the copy had finished: nothing left to cancel
             return
         super().cancel(link, handle)
