@@ -54,7 +54,8 @@ class Handshake:
         self.transports = transports  # name -> Transport, best first
         self._verifier = auth.HelloVerifier(self.config.secret) if self.config.secret else None
         self._connecting: dict[zmq.Socket, _Connecting] = {}
-        self._setups: list[tuple[Link, _Connecting | None, str]] = []  # links whose transport sets up, where from
+        # links whose transport sets up: (link, its connect() if ours, where from, deadline)
+        self._setups: list[tuple[Link, _Connecting | None, str, float]] = []
         self._device_uuid = str(torch.cuda.get_device_properties(ctx.device_index).uuid) if ctx.on_gpu else ""
 
     def busy(self) -> bool:
@@ -151,23 +152,30 @@ class Handshake:
         self._set_up(link, pending, address)
 
     def _set_up(self, link: Link, pending: _Connecting | None, where: str) -> None:
+        timeout = pending.timeout if pending else self.config.timeout
         try:
-            link.ready = link.transport.start(link, pending.timeout if pending else self.config.timeout)
+            link.ready = link.transport.start(link, timeout)
         except Exception as exc:
             self._failed_setup(link, pending, exc)
             return
-        self._setups.append((link, pending, where))
+        # a setup may take two bounded steps (NCCL: form the communicator, then connect it)
+        self._setups.append((link, pending, where, time.monotonic() + 2 * timeout + 1))
         self._check_setups()
 
     def _check_setups(self) -> None:
+        now = time.monotonic()
         for entry in list(self._setups):
-            link, pending, where = entry
+            link, pending, where, deadline = entry
             if link.failed:  # gone while it set up (its peer closed, timed out)
                 self._setups.remove(entry)
                 if pending is not None:
                     self._end(pending, LinkError(f"link to {link.name} at {where} failed during setup: {link.failed}"))
                 continue
             if link.ready is not None and not link.ready.done():
+                if now > deadline:  # a setup that hangs (it should not) must not hold the link for good
+                    self._setups.remove(entry)
+                    self._failed_setup(link, pending, KVLinkTimeout(
+                        f"{link.transport.name} setup with {link.name} not done by its deadline"))
                 continue
             self._setups.remove(entry)
             try:
@@ -200,7 +208,7 @@ class Handshake:
     def close(self, error: Exception) -> None:
         for pending in list(self._connecting.values()):
             self._end(pending, error)
-        for _, pending, _ in self._setups:
+        for _, pending, _, _ in self._setups:
             if pending is not None:
                 pending.future.set_exception(error)
         self._setups.clear()

@@ -180,10 +180,14 @@ class Serving:
             except Exception as exc:  # never retry a serve that broke half-way
                 log.exception("kvlink %s: serving pull %d (request %r) to %s failed", self.name, serve.xfer,
                               serve.request, link.name)
+                if link.failed:
+                    return False
                 link.serves.pop(0)
                 self.engine.send(link, control.encode("FAILED", xfer=serve.xfer, reason=f"prefill side error: {exc}",
                                                       whole=False))
                 link.transport.serve_failed(link, serve, exc)
+                return False
+            if link.failed:  # a send of the serve's found the peer gone: the link's serves ended with it
                 return False
             if outcome != DONE:
                 return outcome == MORE  # the pulls behind it on this link wait behind it

@@ -343,3 +343,37 @@ def test_a_stopped_decode_holds_up_no_other_decode_and_its_link_fails(generator)
         finally:
             os.kill(doomed.process.pid, signal.SIGCONT)
             doomed.process.kill()
+
+
+def test_a_decode_gone_in_the_middle_of_a_serve_ends_it_cleanly(generator, caplog):
+    """The decode process dies while its pull is being served (killed from the serve hook, before
+    its last chunk): the prefill's next send finds the peer gone, the link fails naming why, no error
+    escapes the progress loop, and another decode is served at once."""
+    from engine_access import random_fill
+    from peer_process import DecodeProcess
+    shape = dict(num_layers=4, num_blocks=600, block_size=16, num_heads=4, head_dim=64)
+    link = dict(chunk_bytes=64 * 1024, timeout=TIMEOUT, heartbeat=0.1)
+    _, src = build_cache(PRESET, SEED, shape)
+    with kvlink.Endpoint(src, name="prefill", **link) as prefill:
+        doomed = []
+
+        def kill_near_the_end(request, chunk_index, payload):
+            if request == "doomed" and chunk_index == 511 and doomed:  # the last of 512: the serve ends
+                os.kill(doomed[0].process.pid, signal.SIGKILL)
+                time.sleep(0.3)  # (test only: holds this thread) let ZeroMQ see the connection close
+            return payload
+        prefill.set_serve_hook(kill_near_the_end)
+        with caplog.at_level(logging.ERROR, logger="kvlink"):
+            doomed.append(DecodeProcess(PRESET, SEED + 1, shape, prefill.address,
+                                        (list(range(512)), list(range(512)), 8192, False), **link))
+            deadline = time.monotonic() + BOUND
+            while not any(l["failed"] for l in prefill.links()):
+                assert time.monotonic() < deadline, prefill.links()
+                time.sleep(0.02)
+            assert prefill.links()[0]["failed"].startswith(("cannot reach peer", "no message for")), prefill.links()
+            assert prefill.links()[0]["serving"] == 0
+            _, layout = kvlink.presets.allocate(PRESET, fill=random_fill(generator), **shape)
+            with kvlink.Endpoint(layout, name="next", listen=None, **link) as other:
+                other.pull(other.connect(prefill.address), "next", [3, 4], [5, 6], 32).wait(BOUND)
+                assert torch.equal(packed(layout, [5, 6], 32), packed(src, [3, 4], 32))
+        assert not [r for r in caplog.records if "progress thread error" in r.getMessage()]

@@ -108,8 +108,9 @@ class HostTransport(ChunkedTransport):
             hook = self.ctx.serving.hook
             if hook is not None:
                 payload = hook(serve.request, serve.next_chunk, payload)
-            self.ctx.engine.send(link, control.encode("DATA", xfer=serve.xfer, chunk=serve.next_chunk), payload,
-                                 copy=False)
+            if not self.ctx.engine.send(link, control.encode("DATA", xfer=serve.xfer, chunk=serve.next_chunk),
+                                        payload, copy=False):
+                return WAITING  # the link failed: the serve ends with it
             sent += 1
             serve.next_chunk += 1
         return DONE
