@@ -11,12 +11,27 @@ The data path, one module a stage:
     reference.py             the same operations in plain torch (the oracle; the CPU path)
     plan.py                  cut a request into pipeline chunks
     control.py               control-plane messages (msgpack over ZeroMQ)
-    nccl.py                  the NCCL communicator of one prefill/decode GPU pair
-    endpoint.py              the object an engine holds: links, pulls, the pipeline
+    nccl.py / ipc.py         the NCCL communicator of a GPU pair; CUDA IPC memory sharing
+
+The transfer layer, one module a job:
+    endpoint.py              the object an engine holds: a facade over what follows
+    config.py                EndpointConfig: every setting, KVLINK_* read when an endpoint is built
+    errors.py                KVLinkError and its subclasses
+    handle.py                TransferHandle: one pull as the decode side sees it
+    progress.py              the progress thread: sockets, commands, outboxes, liveness; never blocks
+    handshake.py             linking: HELLO/WELCOME, the transport, its setup
+    serving.py               the prefill side: serve queues, layer readiness, notifications
+    link.py                  a link's shared fields and its non-blocking channel
+    transports/              one module per transport (ipc, nccl, host) behind one interface
 """
 
 from kvlink import presets
-from kvlink.endpoint import Endpoint, TransferError, TransferHandle
+from kvlink.config import EndpointConfig, Transport
+from kvlink.endpoint import Endpoint
+from kvlink.errors import (ArgumentTypeError, EndpointClosed, InvalidArgument, IPCError, KVLinkError, KVLinkTimeout,
+                           LinkDown, LinkError, LinkRefused, ProtocolError, TransferCancelled, TransferError,
+                           TransferRefused)
+from kvlink.handle import DstState, TransferHandle, TransferStats
 from kvlink.layout import CacheLayout
 from kvlink.pack import pack, packed_nbytes, prepare, unpack
 from kvlink.selection import Selection, select
@@ -25,10 +40,26 @@ from kvlink.wire import HEADER_BYTES, ChunkError, ChunkHeader, check_status
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentTypeError",
     "CacheLayout",
+    "DstState",
     "Endpoint",
+    "EndpointClosed",
+    "EndpointConfig",
+    "InvalidArgument",
+    "IPCError",
+    "KVLinkError",
+    "KVLinkTimeout",
+    "LinkDown",
+    "LinkError",
+    "LinkRefused",
+    "ProtocolError",
+    "Transport",
+    "TransferCancelled",
     "TransferError",
     "TransferHandle",
+    "TransferRefused",
+    "TransferStats",
     "ChunkError",
     "ChunkHeader",
     "HEADER_BYTES",

@@ -16,12 +16,10 @@ import os
 import struct
 import time
 
+from kvlink.errors import AuthError  # noqa: F401  (kvlink.auth.AuthError, as before)
+
 MAX_SKEW = 60.0  # seconds between the two hosts' clocks a HELLO may show
 NONCE_BYTES = 16
-
-
-class AuthError(ValueError):
-    """A handshake failed authentication."""
 
 
 def normalize_secret(secret) -> bytes | None:

@@ -27,6 +27,8 @@ from typing import Any
 
 import msgpack
 
+from kvlink.errors import ProtocolError
+
 PROTOCOL_VERSION = 1
 MAX_CONTROL_BYTES = 1 << 20  # a pull for 100k blocks is ~0.6 MB; anything larger is refused
 
@@ -54,10 +56,6 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "HEARTBEAT": {},
     "BYE": {"reason": (str,)},
 }
-
-
-class ProtocolError(ValueError):
-    """A control message that is malformed, unknown, oversized or of another protocol version."""
 
 
 def encode(kind: str, **fields: Any) -> bytes:

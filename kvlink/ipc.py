@@ -27,18 +27,16 @@ import threading
 import torch
 
 from kvlink import cuda_driver
+from kvlink.errors import IPCError  # noqa: F401  (kvlink.ipc.IPCError, as before)
 
 # cudaIpcMemLazyEnablePeerAccess: map a peer GPU's memory and enable peer access on first use.
 IPC_LAZY_ENABLE_PEER_ACCESS = 1
 
 
-class IPCError(RuntimeError):
-    """CUDA IPC cannot link these two processes (the endpoint then uses another transport)."""
-
-
-def disabled_reason() -> str | None:
-    """Why this process cannot use the ipc transport, or None when it can."""
-    if os.environ.get("KVLINK_DISABLE_IPC") == "1":
+def disabled_reason(check_env: bool = True) -> str | None:
+    """Why this process cannot use the ipc transport, or None when it can (``check_env``: honour
+    KVLINK_DISABLE_IPC here; an endpoint reads it into its EndpointConfig instead)."""
+    if check_env and os.environ.get("KVLINK_DISABLE_IPC") == "1":
         return "KVLINK_DISABLE_IPC=1"
     if not torch.cuda.is_available():
         return "no GPU"

@@ -23,6 +23,8 @@ from typing import Sequence
 
 import torch
 
+from kvlink.errors import ArgumentTypeError, InvalidArgument
+
 # Dtypes a cache may use, with the code that identifies them on the wire (kvlink.wire).
 # Codes are part of the wire format: never renumber, only append.
 DTYPE_CODES: dict[torch.dtype, int] = {
@@ -81,54 +83,54 @@ class CacheLayout:
         share shape, dtype, device and strides, and head_dim must have unit stride.
         """
         if not isinstance(planes_by_layer, (list, tuple)) or len(planes_by_layer) == 0:
-            raise ValueError(f"{name}: expected a non-empty list of layers, got {type(planes_by_layer).__name__}")
+            raise InvalidArgument(f"{name}: expected a non-empty list of layers, got {type(planes_by_layer).__name__}")
         num_kv = len(planes_by_layer[0])
         if num_kv not in (1, 2):
-            raise ValueError(f"{name}: each layer needs 1 (MLA) or 2 (K, V) planes, got {num_kv}")
+            raise InvalidArgument(f"{name}: each layer needs 1 (MLA) or 2 (K, V) planes, got {num_kv}")
         flat: list[torch.Tensor] = []
         for layer_idx, layer_planes in enumerate(planes_by_layer):
             if len(layer_planes) != num_kv:
-                raise ValueError(
+                raise InvalidArgument(
                     f"{name}: layer {layer_idx} has {len(layer_planes)} planes, layer 0 has {num_kv}"
                 )
             for plane in layer_planes:
                 if not isinstance(plane, torch.Tensor):
-                    raise TypeError(f"{name}: layer {layer_idx}: expected torch.Tensor, got {type(plane).__name__}")
+                    raise ArgumentTypeError(f"{name}: layer {layer_idx}: expected torch.Tensor, got {type(plane).__name__}")
                 flat.append(plane)
 
         first = flat[0]
         if first.dim() != 4:
-            raise ValueError(f"{name}: plane views must be 4-D [block, token, head, head_dim], got shape {tuple(first.shape)}")
+            raise InvalidArgument(f"{name}: plane views must be 4-D [block, token, head, head_dim], got shape {tuple(first.shape)}")
         if first.dtype not in DTYPE_CODES:
-            raise TypeError(f"{name}: unsupported cache dtype {first.dtype}; supported: {sorted(map(str, DTYPE_CODES))}")
+            raise ArgumentTypeError(f"{name}: unsupported cache dtype {first.dtype}; supported: {sorted(map(str, DTYPE_CODES))}")
         for plane_idx, plane in enumerate(flat):
             where = f"{name}: layer {plane_idx // num_kv} plane {plane_idx % num_kv}"
             if plane.shape != first.shape:
-                raise ValueError(f"{where}: shape {tuple(plane.shape)} differs from layer 0's {tuple(first.shape)}")
+                raise InvalidArgument(f"{where}: shape {tuple(plane.shape)} differs from layer 0's {tuple(first.shape)}")
             if plane.dtype != first.dtype:
-                raise TypeError(f"{where}: dtype {plane.dtype} differs from layer 0's {first.dtype}")
+                raise ArgumentTypeError(f"{where}: dtype {plane.dtype} differs from layer 0's {first.dtype}")
             if plane.device != first.device:
-                raise ValueError(f"{where}: device {plane.device} differs from layer 0's {first.device}")
+                raise InvalidArgument(f"{where}: device {plane.device} differs from layer 0's {first.device}")
             if plane.stride() != first.stride():
-                raise ValueError(
+                raise InvalidArgument(
                     f"{where}: strides {plane.stride()} differ from layer 0's {first.stride()}; "
                     "kvlink needs one stride pattern for all layers"
                 )
         num_blocks, block_size, num_heads, head_dim = (int(s) for s in first.shape)
         if min(num_blocks, block_size, num_heads, head_dim) <= 0:
-            raise ValueError(f"{name}: empty cache shape {tuple(first.shape)}")
+            raise InvalidArgument(f"{name}: empty cache shape {tuple(first.shape)}")
         block_stride, token_stride, head_stride, dim_stride = first.stride()
         if dim_stride != 1 and head_dim > 1:
-            raise ValueError(
+            raise InvalidArgument(
                 f"{name}: head_dim must be the innermost unit-stride dimension, got stride {dim_stride}"
             )
         for dim_name, stride in (("block", block_stride), ("token", token_stride), ("head", head_stride)):
             if stride <= 0:
-                raise ValueError(f"{name}: {dim_name} stride must be positive, got {stride}")
+                raise InvalidArgument(f"{name}: {dim_name} stride must be positive, got {stride}")
         _check_no_self_overlap(name, first.shape, first.stride())
         ptrs = [plane.data_ptr() for plane in flat]
         if len(set(ptrs)) != len(ptrs):
-            raise ValueError(f"{name}: two planes start at the same address; K and V of every layer must be distinct")
+            raise InvalidArgument(f"{name}: two planes start at the same address; K and V of every layer must be distinct")
 
         esize = first.element_size()
         return cls(
@@ -244,7 +246,7 @@ def check_compatible(mine: dict, theirs: dict, wire_dtype: str | None = None) ->
         if mine.get(attr) != theirs.get(attr):
             if attr == "dtype" and wire_dtype == "fp8" and dtypes_meet_through_fp8(mine.get(attr), theirs.get(attr)):
                 continue
-            raise ValueError(
+            raise InvalidArgument(
                 f"incompatible layouts: {attr} is {mine.get(attr)} in {mine.get('name')} "
                 f"but {theirs.get(attr)} in {theirs.get('name')}"
             )
@@ -260,7 +262,7 @@ def _check_no_self_overlap(name: str, shape: Sequence[int], strides: Sequence[in
     extent = 1
     for stride, size in dims:
         if stride < extent:
-            raise ValueError(
+            raise InvalidArgument(
                 f"{name}: the view's strides {tuple(strides)} for shape {tuple(shape)} make cache entries overlap"
             )
         extent = stride * (size - 1) + extent
@@ -283,10 +285,10 @@ class PeerLayout(CacheLayout):
         """Build from the peer's :meth:`CacheLayout.to_dict`, byte strides and mapped plane addresses."""
         dtype = getattr(torch, description["dtype"], None)
         if dtype not in DTYPE_CODES:
-            raise ValueError(f"peer cache dtype {description['dtype']!r} is not one kvlink supports")
+            raise InvalidArgument(f"peer cache dtype {description['dtype']!r} is not one kvlink supports")
         planes = description["num_layers"] * description["num_kv"]
         if len(addresses) != planes or len(strides) != 3:
-            raise ValueError(f"peer cache description holds {len(addresses)} plane addresses for {planes} planes")
+            raise InvalidArgument(f"peer cache description holds {len(addresses)} plane addresses for {planes} planes")
         return cls(name=f"peer:{description['name']}", num_layers=description["num_layers"],
                    num_kv=description["num_kv"], num_blocks=description["num_blocks"],
                    block_size=description["block_size"], num_heads=description["num_heads"],
@@ -303,4 +305,4 @@ class PeerLayout(CacheLayout):
         return list(self.mapped_ptrs)
 
     def plane(self, layer_idx: int, kv_idx: int = 0) -> torch.Tensor:
-        raise TypeError(f"{self.name} is a peer's cache mapped by address; it has no tensors")
+        raise ArgumentTypeError(f"{self.name} is a peer's cache mapped by address; it has no tensors")

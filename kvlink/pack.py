@@ -14,6 +14,7 @@ import os
 import torch
 
 from kvlink import kernels, reference
+from kvlink.errors import ArgumentTypeError, InvalidArgument
 from kvlink.layout import CacheLayout
 from kvlink.selection import HEADER_BYTES, WIRE_DTYPES, Selection, _as_range, select, wire_row_bytes, with_wire
 from kvlink.wire import ChunkHeader
@@ -25,29 +26,29 @@ def packed_nbytes(layout: CacheLayout, num_tokens: int, *, layers=None, tokens=N
                   wire_dtype: str | None = None) -> int:
     """Bytes of the chunk (header included) that :func:`pack` writes for this box."""
     if not isinstance(layout, CacheLayout):
-        raise TypeError(f"layout must be a kvlink CacheLayout, got {type(layout).__name__}")
+        raise ArgumentTypeError(f"layout must be a kvlink CacheLayout, got {type(layout).__name__}")
     layer_start, layer_stop = _as_range("layers", layers, layout.num_layers)
     token_start, token_stop = _as_range("tokens", tokens, num_tokens)
     head_start, head_stop = _as_range("heads", heads, layout.num_heads)
     planes = (layer_stop - layer_start) * layout.num_kv
     if wire_dtype not in WIRE_DTYPES:
-        raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
+        raise InvalidArgument(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
     row_bytes = wire_row_bytes(layout.head_dim, layout.element_size, wire_dtype == "fp8")
     return HEADER_BYTES + planes * (token_stop - token_start) * (head_stop - head_start) * row_bytes
 
 
 def _resolve_backend(layout: CacheLayout, backend: str) -> str:
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise InvalidArgument(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = os.environ.get("KVLINK_BACKEND", "auto")
         if backend not in BACKENDS:
-            raise ValueError(f"KVLINK_BACKEND must be one of {BACKENDS}, got {backend!r}")
+            raise InvalidArgument(f"KVLINK_BACKEND must be one of {BACKENDS}, got {backend!r}")
     on_gpu = layout.device.type == "cuda"
     if backend == "auto":
         return "cuda" if on_gpu and kernels.cuda_available() else "torch"
     if backend == "cuda" and not on_gpu:
-        raise ValueError(f"backend='cuda' needs a GPU cache, but {layout.name} is on {layout.device}")
+        raise InvalidArgument(f"backend='cuda' needs a GPU cache, but {layout.name} is on {layout.device}")
     if backend == "cuda" and not kernels.cuda_available():
         raise RuntimeError("backend='cuda' needs CuPy (pip install 'kvlink[cuda13]' or 'kvlink[cuda12]')")
     return backend
@@ -56,28 +57,28 @@ def _resolve_backend(layout: CacheLayout, backend: str) -> str:
 def _resolve_stream(layout: CacheLayout, stream):
     if layout.device.type != "cuda":
         if stream is not None:
-            raise ValueError(f"stream given, but {layout.name} is on {layout.device}")
+            raise InvalidArgument(f"stream given, but {layout.name} is on {layout.device}")
         return None
     if stream is None:
         return torch.cuda.current_stream(layout.device.index)
     if not isinstance(stream, torch.cuda.Stream):
-        raise TypeError(f"stream must be a torch.cuda.Stream, got {type(stream).__name__}")
+        raise ArgumentTypeError(f"stream must be a torch.cuda.Stream, got {type(stream).__name__}")
     if stream.device.index != layout.device.index:
-        raise ValueError(f"stream is on {stream.device} but the cache is on {layout.device}")
+        raise InvalidArgument(f"stream is on {stream.device} but the cache is on {layout.device}")
     return stream
 
 
 def _check_chunk(name: str, chunk, sel: Selection) -> None:
     if not isinstance(chunk, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(chunk).__name__}")
+        raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(chunk).__name__}")
     if chunk.dtype != torch.uint8:
-        raise TypeError(f"{name} must be uint8 bytes, got {chunk.dtype}")
+        raise ArgumentTypeError(f"{name} must be uint8 bytes, got {chunk.dtype}")
     if chunk.device != sel.layout.device:
-        raise ValueError(f"{name} is on {chunk.device} but the cache ({sel.layout.name}) is on {sel.layout.device}")
+        raise InvalidArgument(f"{name} is on {chunk.device} but the cache ({sel.layout.name}) is on {sel.layout.device}")
     if chunk.dim() != 1 or not chunk.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous 1-D byte tensor, got shape {tuple(chunk.shape)}")
+        raise InvalidArgument(f"{name} must be a contiguous 1-D byte tensor, got shape {tuple(chunk.shape)}")
     if chunk.numel() < sel.chunk_bytes:
-        raise ValueError(f"{name} holds {chunk.numel()} bytes but this chunk needs {sel.chunk_bytes}")
+        raise InvalidArgument(f"{name} holds {chunk.numel()} bytes but this chunk needs {sel.chunk_bytes}")
 
 
 def prepare(layout: CacheLayout, stream: torch.cuda.Stream | None = None, *, backend: str = "auto") -> None:
@@ -88,7 +89,7 @@ def prepare(layout: CacheLayout, stream: torch.cuda.Stream | None = None, *, bac
     no-op for the torch backend.
     """
     if not isinstance(layout, CacheLayout):
-        raise TypeError(f"layout must be a kvlink CacheLayout, got {type(layout).__name__}")
+        raise ArgumentTypeError(f"layout must be a kvlink CacheLayout, got {type(layout).__name__}")
     if _resolve_backend(layout, backend) == "cuda":
         kernels.prepare(layout, _resolve_stream(layout, stream))
 
@@ -176,17 +177,17 @@ def unpack(
     sel = with_wire(select(layout, block_ids, num_tokens, layers=layers, tokens=tokens, heads=heads,
                            destination=True), wire_dtype, role="destination")
     if wire_dtype is None and layout.dtype == torch.float8_e4m3fn and cache_scale != 1.0:
-        raise ValueError("cache_scale applies to fp8 chunks (wire_dtype='fp8') only")
+        raise InvalidArgument("cache_scale applies to fp8 chunks (wire_dtype='fp8') only")
     if not isinstance(cache_scale, (int, float)) or not cache_scale > 0 or cache_scale == float("inf"):
-        raise ValueError(f"cache_scale must be a positive finite number, got {cache_scale!r}")
+        raise InvalidArgument(f"cache_scale must be a positive finite number, got {cache_scale!r}")
     _check_chunk("chunk", chunk, sel)
     backend = _resolve_backend(layout, backend)
     stream = _resolve_stream(layout, stream)
     if status is not None:
         if not isinstance(status, torch.Tensor) or status.dtype != torch.int32 or status.numel() < 1:
-            raise TypeError("status must be an int32 tensor with at least one element")
+            raise ArgumentTypeError("status must be an int32 tensor with at least one element")
         if status.device != layout.device:
-            raise ValueError(f"status is on {status.device} but the cache is on {layout.device}")
+            raise InvalidArgument(f"status is on {status.device} but the cache is on {layout.device}")
     return unpack_selection(sel, chunk, stream, backend, max_ctas, status, cache_scale=float(cache_scale))
 
 

@@ -27,6 +27,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
+from kvlink.errors import KVLinkTimeout
+from kvlink.handle import DstState, TransferStats
 from kvlink.selection import select
 
 
@@ -142,15 +146,21 @@ def plan_resharding(num_kv_heads: int, prefill_tp: int, decode_tp: int, *, mla: 
 
 
 class ReshardedPull:
-    """The pulls of one request into one decode rank, seen as one transfer.
+    """The pulls of one request into one decode rank, with the interface of one TransferHandle.
 
     ``done()`` and ``wait(timeout)`` cover every pull; ``error`` is the first failure;
-    ``dst_state`` is ``"complete"``, ``"untouched"`` (no pull wrote anything) or ``"invalid"``.
+    ``dst_state`` is ``"complete"``, ``"untouched"`` (no pull wrote anything) or ``"invalid"``;
+    ``event`` / ``layer_event(l)`` / ``current_stream_wait()`` order a stream after all of them;
+    ``stats`` adds them up (bytes, chunks; ``seconds`` is the slowest's); ``cancel()`` cancels
+    every pull.
     """
 
     def __init__(self, request: str, handles: list):
         self.request = request
         self.handles = handles
+        self.layerwise = any(h.layerwise for h in handles)
+        self.peer = ", ".join(h.peer for h in handles)
+        self._joined: dict = {}  # event key -> (CUDA event after every pull's, its stream)
 
     def done(self) -> bool:
         return all(h.done() for h in self.handles)
@@ -163,8 +173,8 @@ class ReshardedPull:
             try:
                 handle.wait(left)
             except TimeoutError:
-                raise TimeoutError(f"request {self.request!r}: pull from {handle.peer} not done after "
-                                   f"{timeout:.1f} s") from None
+                raise KVLinkTimeout(f"request {self.request!r}: pull from {handle.peer} not done after "
+                                    f"{timeout:.1f} s") from None
             except Exception as exc:  # noqa: BLE001 - wait for the others before reporting it
                 first_error = first_error or exc
         if first_error is not None:
@@ -174,24 +184,71 @@ class ReshardedPull:
     def cancel(self, timeout: float | None = None) -> bool:
         return any([h.cancel(timeout) for h in self.handles])  # noqa: C419 - cancel every pull, not just the first
 
+    def current_stream_wait(self, stream=None) -> None:
+        """Make ``stream`` (default: the current one) wait on the GPU for every pull (see
+        TransferHandle.current_stream_wait)."""
+        for handle in self.handles:
+            handle.current_stream_wait(stream)
+
+    @property
+    def event(self):
+        """One CUDA event after every pull's last write (None on the host transport)."""
+        return self._join("all", [h.event for h in self.handles])
+
+    def layer_event(self, layer: int):
+        """One CUDA event after ``layer`` of every pull is in place (layer-wise pulls on GPU)."""
+        return self._join(layer, [h.layer_event(layer) for h in self.handles])
+
+    def _join(self, key, events):
+        if any(e is None for e in events):
+            return None
+        if len(events) == 1:
+            return events[0]
+        if key not in self._joined:  # recorded once, on a stream of its own that waits for them all
+            stream = torch.cuda.Stream(self.handles[0].device)
+            for event in events:
+                stream.wait_event(event)
+            joined = torch.cuda.Event()
+            joined.record(stream)
+            self._joined[key] = (joined, stream)
+        return self._joined[key][0]
+
     @property
     def error(self):
         return next((h.error for h in self.handles if h.error is not None), None)
 
     @property
-    def dst_state(self) -> str:
+    def cancelled(self) -> bool:
+        return any(h.cancelled for h in self.handles)
+
+    @property
+    def dst_state(self) -> DstState:
         states = [h.dst_state for h in self.handles]
-        if "pending" in states:
-            return "pending"
-        if all(s == "complete" for s in states):
-            return "complete"
-        if all(s == "untouched" for s in states):
-            return "untouched"
-        return "invalid"  # some heads landed, others did not: the blocks hold a mix
+        if DstState.PENDING in states:
+            return DstState.PENDING
+        if all(s == DstState.COMPLETE for s in states):
+            return DstState.COMPLETE
+        if all(s == DstState.UNTOUCHED for s in states):
+            return DstState.UNTOUCHED
+        return DstState.INVALID  # some heads landed, others did not: the blocks hold a mix
+
+    @property
+    def stats(self) -> TransferStats:
+        """The pulls' stats added up (``seconds``: the slowest pull's, so GBps is the whole's)."""
+        parts = [h.stats for h in self.handles]
+        return TransferStats(payload_bytes=sum(p.payload_bytes for p in parts),
+                             wire_bytes=sum(p.wire_bytes for p in parts), chunks=sum(p.chunks for p in parts),
+                             seconds=max((p.seconds for p in parts), default=0.0),
+                             enqueue_seconds=sum(p.enqueue_seconds for p in parts),
+                             pull_cpu_seconds=sum(p.pull_cpu_seconds for p in parts),
+                             sender_enqueue_seconds=sum(p.sender_enqueue_seconds for p in parts))
 
     @property
     def payload_bytes(self) -> int:
         return sum(h.stats.payload_bytes for h in self.handles)
+
+    def __repr__(self) -> str:
+        return f"<ReshardedPull request={self.request!r} pulls={len(self.handles)} {self.dst_state}>"
 
 
 def pull_resharded(endpoint, plan: ReshardPlan, decode_rank: int, peers: Sequence[str], request: str, src_blocks,

@@ -17,6 +17,7 @@ from numbers import Integral
 import numpy as np
 import torch
 
+from kvlink.errors import ArgumentTypeError, InvalidArgument
 from kvlink.layout import CacheLayout
 
 HEADER_BYTES = 64  # see kvlink.wire; here so payload offsets need no import cycle
@@ -110,14 +111,14 @@ def _as_range(name: str, value, limit: int) -> tuple[int, int]:
             and 0 <= value[0] < value[1] <= limit:
         return value
     if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise TypeError(f"{name} must be a (start, stop) pair, got {value!r}")
+        raise ArgumentTypeError(f"{name} must be a (start, stop) pair, got {value!r}")
     start, stop = value
     for v in (start, stop):
         if isinstance(v, bool) or not isinstance(v, Integral):
-            raise TypeError(f"{name} must hold ints, got {value!r}")
+            raise ArgumentTypeError(f"{name} must hold ints, got {value!r}")
     start, stop = int(start), int(stop)
     if not 0 <= start < stop <= limit:
-        raise ValueError(f"{name}={value!r} is outside [0, {limit}) or empty")
+        raise InvalidArgument(f"{name}={value!r} is outside [0, {limit}) or empty")
     return start, stop
 
 
@@ -127,16 +128,16 @@ def with_wire(sel: Selection, wire_dtype: str | None, *, role: str) -> Selection
     ``role`` is "source" (the cache is quantized) or "destination" (the chunk is converted into it).
     """
     if wire_dtype not in WIRE_DTYPES:
-        raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
+        raise InvalidArgument(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
     if wire_dtype is None:
         return sel
     layout = sel.layout
     allowed = FP8_SOURCE_DTYPES if role == "source" else FP8_DESTINATION_DTYPES
     if layout.dtype not in allowed:
-        raise ValueError(f"wire_dtype='fp8' needs a {role} cache of {', '.join(str(d).removeprefix('torch.') for d in allowed)}; "
+        raise InvalidArgument(f"wire_dtype='fp8' needs a {role} cache of {', '.join(str(d).removeprefix('torch.') for d in allowed)}; "
                          f"{layout.name} is {str(layout.dtype).removeprefix('torch.')}")
     if layout.head_dim % 4:
-        raise ValueError(f"wire_dtype='fp8' needs head_dim divisible by 4 (aligned scales), {layout.name} has "
+        raise InvalidArgument(f"wire_dtype='fp8' needs head_dim divisible by 4 (aligned scales), {layout.name} has "
                          f"{layout.head_dim}")
     return dataclasses.replace(sel, wire_fp8=True)
 
@@ -145,18 +146,18 @@ def block_ids_to_numpy(block_ids, name: str = "block_ids") -> np.ndarray:
     """Accept a list, tuple, numpy array or torch tensor of ints; return a 1-D int64 numpy array."""
     if isinstance(block_ids, torch.Tensor):
         if block_ids.dtype.is_floating_point or block_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
-            raise TypeError(f"{name} must hold integers, got {block_ids.dtype}")
+            raise ArgumentTypeError(f"{name} must hold integers, got {block_ids.dtype}")
         array = block_ids.detach().to("cpu").numpy()
     else:
         array = np.asarray(block_ids)
         if array.size == 0 and array.ndim == 1:
             return np.zeros(0, dtype=np.int64)
         if array.dtype == object:
-            raise TypeError(f"{name} must hold integers, got {block_ids!r:.80}")
+            raise ArgumentTypeError(f"{name} must hold integers, got {block_ids!r:.80}")
     if array.dtype.kind not in "iu":
-        raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
+        raise ArgumentTypeError(f"{name} must hold integers, got dtype {array.dtype}")
     if array.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+        raise InvalidArgument(f"{name} must be 1-D, got shape {array.shape}")
     return array.astype(np.int64, copy=False)
 
 
@@ -183,13 +184,13 @@ def select(
             the layout's name).
     """
     if not isinstance(layout, CacheLayout):
-        raise TypeError(f"layout must be a kvlink CacheLayout, got {type(layout).__name__}")
+        raise ArgumentTypeError(f"layout must be a kvlink CacheLayout, got {type(layout).__name__}")
     ids = block_ids_to_numpy(block_ids, ids_name)
     if ids.size == 0:
-        raise ValueError(f"{ids_name} is empty")
+        raise InvalidArgument(f"{ids_name} is empty")
     if ids.min() < 0 or ids.max() >= layout.num_blocks:
         bad = (ids < 0) | (ids >= layout.num_blocks)
-        raise ValueError(
+        raise InvalidArgument(
             f"{ids_name}[{int(np.argmax(bad))}]={int(ids[bad][0])} is out of range [0, {layout.num_blocks}) "
             + (f"of {owner}" if owner else f"for {layout.name}")
         )
@@ -197,18 +198,18 @@ def select(
         ordered = np.sort(ids)
         repeats = ordered[1:] == ordered[:-1]
         if repeats.any():
-            raise ValueError(f"destination {ids_name} repeat block {int(ordered[1:][repeats][0])}")
+            raise InvalidArgument(f"destination {ids_name} repeat block {int(ordered[1:][repeats][0])}")
     if type(num_tokens) is not int and (isinstance(num_tokens, bool) or not isinstance(num_tokens, Integral)):
-        raise TypeError(f"num_tokens must be an int, got {type(num_tokens).__name__}")
+        raise ArgumentTypeError(f"num_tokens must be an int, got {type(num_tokens).__name__}")
     num_tokens = int(num_tokens)
     capacity = ids.size * layout.block_size
     if num_tokens <= 0 or num_tokens > capacity:
-        raise ValueError(
+        raise InvalidArgument(
             f"num_tokens={num_tokens} does not fit {ids.size} blocks of {layout.block_size} tokens (at most {capacity})"
         )
     needed_blocks = -(-num_tokens // layout.block_size)
     if needed_blocks != ids.size:
-        raise ValueError(
+        raise InvalidArgument(
             f"num_tokens={num_tokens} fills {needed_blocks} blocks of {layout.block_size} but {ids.size} {ids_name.replace('_', ' ')} "
             "were given"
         )

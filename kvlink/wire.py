@@ -48,6 +48,7 @@ import numpy as np
 
 import torch
 
+from kvlink.errors import ChunkError  # noqa: F401  (kvlink.wire.ChunkError, as before)
 from kvlink.layout import DTYPE_CODES, DTYPES_BY_CODE, layout_fingerprint
 from kvlink.selection import HEADER_BYTES, Selection
 
@@ -154,10 +155,6 @@ class ChunkHeader:
                     got, want = DTYPES_BY_CODE.get(got, got), DTYPES_BY_CODE.get(want, want)
                     name = "dtype"
                 raise ValueError(f"received chunk does not match the destination: {name} is {got}, expected {want}")
-
-
-class ChunkError(RuntimeError):
-    """A received chunk was refused on the GPU (its header did not match); nothing was written."""
 
 
 def check_status(status) -> None:

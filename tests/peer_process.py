@@ -70,7 +70,7 @@ def prefill_main(conn, preset: str, seed: int, shape: dict, device: str, endpoin
             elif command == "finished_sends":
                 conn.send(endpoint.finished_sends())
             elif command == "cancel":
-                conn.send(endpoint.cancel(args[0]))
+                conn.send(endpoint.cancel_serving(args[0]))
             elif command == "links":
                 conn.send(endpoint.links())
 
@@ -125,9 +125,9 @@ def decode_main(conn, preset: str, seed: int, shape: dict, address: str, pull: t
         handle.layer_event(1).synchronize()
     else:
         deadline = time.time() + 30
-        while handle._chunks_done == 0 and not handle.done() and time.time() < deadline:
+        while handle.chunks_landed == 0 and not handle.done() and time.time() < deadline:
             time.sleep(0.001)
-    conn.send(("started", handle._chunks_done, handle.done(), str(handle.error) if handle.error else None))
+    conn.send(("started", handle.chunks_landed, handle.done(), str(handle.error) if handle.error else None))
     next_command(conn)  # idle until the test kills this process or goes away
 
 

@@ -44,8 +44,7 @@ def test_checksummed_pulls_are_byte_exact(generator):
     with kvlink.Endpoint(src, name="p", chunk_bytes=4096, timeout=5) as prefill, \
             kvlink.Endpoint(dst, name="d", listen=None, chunk_bytes=4096, timeout=5, checksum=True) as decode:
         seen = []
-        original = prefill._host_chunk
-        prefill._host_chunk = lambda serve, box, nbytes: seen.append(original(serve, box, nbytes)) or seen[-1]
+        prefill.set_serve_hook(lambda request, chunk_index, payload: seen.append(payload) or payload)
         peer = decode.connect(prefill.address)
         src_ids, dst_ids = list(range(10, 23)), list(range(30, 43))
         handle = decode.pull(peer, "checked", src_ids, dst_ids, 100)
@@ -62,13 +61,11 @@ def test_a_chunk_corrupted_on_the_way(generator, checksum):
     (_, src), (dst_engine, dst) = caches(generator)
     with kvlink.Endpoint(src, name="p", chunk_bytes=4096, timeout=5) as prefill, \
             kvlink.Endpoint(dst, name="d", listen=None, chunk_bytes=4096, timeout=5, checksum=checksum) as decode:
-        original = prefill._host_chunk
-
-        def corrupting(serve, box, nbytes):
-            chunk = original(serve, box, nbytes).copy()
-            chunk[64 + 17] ^= 0x01  # one bit, in the first chunk's payload
+        def corrupting(request, chunk_index, payload):
+            chunk = payload.copy()
+            chunk[64 + 17] ^= 0x01  # one bit, in each chunk's payload (the first one fails the pull)
             return chunk
-        prefill._host_chunk = corrupting
+        prefill.set_serve_hook(corrupting)
         peer = decode.connect(prefill.address)
         before = snapshot("flashinfer_hnd", dst_engine)
         handle = decode.pull(peer, "corrupted", [1, 2, 3], [4, 5, 6], 20)

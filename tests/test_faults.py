@@ -52,7 +52,7 @@ def assert_untouched_outside(engine, before, dst_blocks):
 
 def wait_started(handle, timeout=10.0):
     deadline = time.time() + timeout
-    while handle._chunks_done == 0 and not handle.done():
+    while handle.chunks_landed == 0 and not handle.done():
         assert time.time() < deadline, "the transfer never started"
         time.sleep(0.0005)
     assert not handle.done(), "the transfer finished before the fault could be injected; make it bigger"
@@ -124,7 +124,7 @@ def test_decode_killed_mid_transfer(mirror, generator):
         while not any(link["failed"] for link in prefill.links()):
             assert time.monotonic() - killed <= BOUND, f"prefill still thinks the dead peer is alive: {prefill.links()}"
             time.sleep(0.05)
-        assert all(not link.serves for link in prefill._links.values())
+        assert all(link["serving"] == 0 for link in prefill.links())
         _, layout = kvlink.presets.allocate(PRESET, fill=random_fill(generator), **SHAPE)
         with kvlink.Endpoint(layout, name="decode-2", listen=None, **LINK) as decode:
             small_pull_works(decode, decode.connect(prefill.address), mirror)

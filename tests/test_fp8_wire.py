@@ -173,7 +173,7 @@ def test_fp8_pulls_land_what_the_reference_would_and_send_about_half_the_bytes(d
 def test_an_fp8_decode_endpoint_does_not_offer_ipc_and_says_so():
     _, layout = presets.allocate("flashinfer_hnd", num_layers=1, num_blocks=2, block_size=4, num_heads=1, head_dim=8)
     with kvlink.Endpoint(layout, name="x", listen=None, wire_dtype="fp8") as endpoint:
-        assert "ipc" not in endpoint._transports()
+        assert "ipc" not in endpoint.offered_transports()
     with pytest.raises(ValueError, match="wire_dtype must be one of"):
         kvlink.Endpoint(layout, wire_dtype="int4")
 

@@ -134,7 +134,7 @@ def test_a_live_endpoint_keeps_serving_through_hostile_peers(generator, caplog):
         huge.send(bytes(64 << 20))
         huge.close()
         time.sleep(0.5)
-        assert prefill._thread.is_alive()
+        assert prefill.alive
         with kvlink.Endpoint(dst, name="honest", listen=None, timeout=5) as decode:
             peer = decode.connect(prefill.address)
             decode.pull(peer, "after-the-storm", [3, 1, 4], [0, 9, 2], 10).wait(5)

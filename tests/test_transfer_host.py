@@ -52,22 +52,21 @@ def test_links_are_bounded(generator):
         kvlink.Endpoint(src, max_links=0)
 
 
-def test_a_serve_that_breaks_fails_its_pull_and_the_link_goes_on(monkeypatch, generator):
+def test_a_serve_that_breaks_fails_its_pull_and_the_link_goes_on(generator):
     _, src = kvlink.presets.allocate("vllm_flash_attn_nhd", **SRC_SHAPE)
     _, dst = kvlink.presets.allocate(DST_PRESET, **DST_SHAPE)
     with kvlink.Endpoint(src, name="flaky", timeout=5) as prefill_ep, \
             kvlink.Endpoint(dst, name="decode-f", listen=None, timeout=5) as decode_ep:
         peer = decode_ep.connect(prefill_ep.address)
-        original = prefill_ep._send_host_chunk
         calls = []
 
-        def breaks_once(*args):
+        def breaks_once(request, chunk_index, payload):
             calls.append(1)
             if len(calls) == 1:
                 raise RuntimeError("disk on fire")
-            return original(*args)
+            return payload
 
-        monkeypatch.setattr(prefill_ep, "_send_host_chunk", breaks_once)
+        prefill_ep.set_serve_hook(breaks_once)
         handle = decode_ep.pull(peer, "broken", [1, 2], [5, 6, 7], 20)
         with pytest.raises(kvlink.TransferError, match="request 'broken' from flaky: .*prefill side error: disk on fire"):
             handle.wait(5)
@@ -82,13 +81,13 @@ def test_layers_of_a_request_nobody_pulls_are_forgotten_after_the_timeout():
         endpoint.layer_ready("never-pulled", 0)
         endpoint.layer_ready("never-pulled", 1)
         deadline = time.time() + 0.2
-        while "never-pulled" not in endpoint._ready_layers and time.time() < deadline:
+        while "never-pulled" not in endpoint.layer_ready_requests() and time.time() < deadline:
             time.sleep(0.01)
-        assert "never-pulled" in endpoint._ready_layers, "layer_ready() was not recorded"
+        assert "never-pulled" in endpoint.layer_ready_requests(), "layer_ready() was not recorded"
         deadline = time.time() + 3
-        while "never-pulled" in endpoint._ready_layers and time.time() < deadline:
+        while "never-pulled" in endpoint.layer_ready_requests() and time.time() < deadline:
             time.sleep(0.05)
-        assert "never-pulled" not in endpoint._ready_layers
+        assert "never-pulled" not in endpoint.layer_ready_requests()
 
 
 def test_connect_async_returns_at_once_and_resolves_to_the_peer_or_its_error():

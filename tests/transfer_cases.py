@@ -74,9 +74,8 @@ def test_blocks_that_do_not_exist_fail_before_anything_is_written(prefill, decod
     with pytest.raises(ValueError, match=r"block_ids\[0\]=700 is out of range"):
         endpoint.pull(peer, "missing-dst", [0, 1], [700, 2, 3], 20)
     # a decode side with a stale view of the prefill cache: the prefill side refuses the pull
-    link = endpoint._links[peer]
-    link.remote_layout = dict(link.remote_layout, num_blocks=10_000)
-    if link.transport == "ipc":
+    endpoint.set_remote_view(peer, num_blocks=10_000)
+    if endpoint.links()[0]["transport"] == "ipc":
         # the decode side reads the prefill's cache itself: its mapped view refuses the block at once
         with pytest.raises(ValueError, match=r"src_blocks\[1\]=9000 is out of range \[0, 256\) of prefill's cache"):
             endpoint.pull(peer, "stale", [0, 9000], [1, 2, 3], 20)

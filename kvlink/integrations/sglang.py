@@ -1232,7 +1232,7 @@ class KVLinkKVManager(BaseKVManager):
         if self.endpoint is None or self._closed:
             return
         try:
-            self._executor.submit(self.endpoint.cancel, request_id(room))
+            self._executor.submit(self.endpoint.cancel_serving, request_id(room))
         except RuntimeError:  # shut down
             pass
 

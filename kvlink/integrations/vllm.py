@@ -71,7 +71,7 @@ import torch
 
 import kvlink
 from kvlink import presets
-from kvlink.endpoint import DEFAULT_TIMEOUT
+from kvlink.config import default_timeout
 from kvlink.resharding import ReleaseTracker, heads_of_rank, plan_resharding
 
 log = logging.getLogger("kvlink.vllm")
@@ -525,7 +525,7 @@ class KVLinkScheduler:
         self.extra, self.vllm_config = extra, vllm_config
         self.tp_size = _tp_size(vllm_config)
         self.block_size = int(getattr(getattr(vllm_config, "cache_config", None), "block_size", 16) or 16)
-        self.timeout = float(extra.get("timeout", DEFAULT_TIMEOUT))
+        self.timeout = float(extra["timeout"] if "timeout" in extra else default_timeout())
         self.lease_seconds = float(extra.get("lease_seconds", 120.0))
         self.layerwise = bool(extra.get("layerwise", False))
         self.decode_tp_size = int(extra.get("decode_tp_size", self.tp_size))
@@ -872,7 +872,7 @@ class KVLinkWorker:
         self.is_producer, self.is_consumer = is_producer, is_consumer
         self.tp_size = _tp_size(vllm_config)
         self.tp_rank = _tp_rank(extra)
-        self.timeout = float(extra.get("timeout", DEFAULT_TIMEOUT))
+        self.timeout = float(extra["timeout"] if "timeout" in extra else default_timeout())
         self.layerwise = bool(extra.get("layerwise", False))
         self.engine_id = str(getattr(vllm_config.kv_transfer_config, "engine_id", None) or uuid.uuid4().hex[:12])
         self.group, self.unsupported = _transfer_group(kv_cache_config)

@@ -582,9 +582,11 @@ def test_a_decode_abort_holds_its_pages_until_no_write_can_land(pairs):
     gate = threading.Event()
     serving = pair.prefill[0].kv_manager.endpoint  # the prefill sends no chunk until the gate opens ...
     decoding = decode.kv_manager.endpoint  # ... and the decode endpoint takes no cancel until then
-    advance, cancel = serving._advance_serves, decoding._cancel_pull
-    serving._advance_serves = lambda: gate.is_set() and advance()
-    decoding._cancel_pull = lambda handle: (gate.wait(30), cancel(handle))
+    serving.set_serve_hook(lambda request, chunk, payload: (gate.wait(30), payload)[1])
+    # NOTE: no public seam holds a decode-side cancel back; the host transport's cancel is wrapped
+    host = decoding._transports["host"]
+    cancel = host.cancel
+    host.cancel = lambda link, handle: (gate.wait(30), cancel(link, handle))
     try:
         se.drive(decode.step, lambda: request.room in decode.kv_manager._pulls, timeout=10)
         free_before = decode.allocator.available_size()
@@ -595,7 +597,8 @@ def test_a_decode_abort_holds_its_pages_until_no_write_can_land(pairs):
         assert decode.allocator.available_size() == free_before
     finally:
         gate.set()
-        serving._advance_serves, decoding._cancel_pull = advance, cancel
+        serving.set_serve_hook(None)
+        host.cancel = cancel
     se.drive(decode.step, lambda: not decode.transfer.has_pending_deferred_releases(), timeout=10)
     assert decode.allocator.available_size() > free_before
     done = []

@@ -1,0 +1,146 @@
+"""A stand-in for NCCL's send/recv: the NCCL transport's pipeline with its wire replaced by a copy.
+
+For tests and benchmarks where one GPU is lent: two endpoints of one process on one GPU, both
+built with ``EndpointConfig(transport="nccl", nccl_wire="loopback")``, run the NCCL transport's
+own pipeline (staging slots, streams, events, refused chunks, checksums) and only the bytes'
+crossing differs. Never picked by ``transport="auto"``.
+
+A pair of NCCL send/recv calls completes for both sides at once: the receiver's stream moves
+past its recv only when the bytes have arrived, and the sender's past its send only when they
+have left. Either side may post first (kvlink's decode side posts its receives before the
+prefill side sends). The stand-in keeps exactly that ordering: each call records an event on
+its caller's stream (its prior work: the sender's chunk packed, the receiver's slot free), then
+makes that stream wait, on the GPU (cuStreamWaitValue32), for a flag of its own direction to
+reach the call's sequence number. The k-th send and the k-th recv are matched (NCCL matches a
+peer's sends and receives in order) by whichever call comes second: on a copy stream, it waits
+for both events, copies the bytes, and writes both flags, releasing both streams. ``abort()``
+writes every flag to its last posted number, so no stream waits forever on a side that is gone.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+
+import torch
+
+from kvlink import cuda_driver, kernels
+
+_PAIRS: dict[bytes, "LoopbackPair"] = {}  # id (sent in the WELCOME as the "nccl_id") -> pair
+_PAIRS_LOCK = threading.Lock()
+# this process's totals, for tests: bytes the stand-in copied, and send/recv pairs of different
+# sizes (NCCL would fail those; the stand-in copies the smaller size and counts it: a kvlink bug)
+STATS = {"copied_bytes": 0, "size_mismatches": 0}
+
+
+def unavailable() -> str | None:
+    """Why this process cannot run the stand-in wire, or None."""
+    if not kernels.cuda_available():
+        return "the loopback wire needs a GPU and CuPy"
+    try:
+        cuda_driver.libcuda()
+    except cuda_driver.CudaDriverError as exc:
+        return str(exc)
+    return None
+
+
+def new_pair(device_index: int) -> bytes:
+    """Prefill side, at the handshake: a new pair on ``device_index``; its id."""
+    wire_id = os.urandom(16)
+    with _PAIRS_LOCK:
+        _PAIRS[wire_id] = LoopbackPair(device_index)
+    return wire_id
+
+
+def end(wire_id: bytes, rank: int) -> "LoopbackEnd":
+    """Rank 0's (the sender's) or rank 1's (the receiver's) end of the pair ``wire_id``."""
+    with _PAIRS_LOCK:
+        pair = _PAIRS.get(wire_id)
+        if pair is None:
+            raise RuntimeError("no loopback wire with this id in this process: both endpoints must be in one "
+                               "process and use nccl_wire='loopback'")
+        pair.ends_taken += 1
+        if pair.ends_taken == 2:
+            del _PAIRS[wire_id]  # both ends hold it now
+    return LoopbackEnd(pair, rank)
+
+
+class LoopbackPair:
+    """Both ends' state: posted, unmatched calls per direction, and the flags the streams wait on."""
+
+    def __init__(self, device_index: int):
+        device = torch.device("cuda", device_index)
+        self.device_index = device_index
+        self.ends_taken = 0
+        self.lock = threading.Lock()
+        side = torch.cuda.Stream(device)
+        with torch.cuda.stream(side):
+            self.flags = torch.zeros(2, dtype=torch.int32, device=device)  # [0] sends done, [1] receives done
+        side.synchronize()  # zeroed before any stream waits on it
+        self.copy_stream = torch.cuda.Stream(device)
+        self.posted = [0, 0]  # calls posted per direction (0: send, 1: recv)
+        self.waiting = (collections.deque(), collections.deque())  # (ptr, nbytes, event, number) per direction
+        self.aborted = False
+
+    def post(self, direction: int, ptr: int, nbytes: int, stream: torch.cuda.Stream) -> None:
+        with self.lock:
+            if self.aborted:
+                raise RuntimeError("loopback wire aborted")
+            self.posted[direction] += 1
+            number = self.posted[direction]
+            prior = torch.cuda.Event()
+            prior.record(stream)  # what this side did before the call (data packed / slot free)
+            cuda_driver.stream_wait_value(stream.cuda_stream, self._flag(direction), number)
+            self.waiting[direction].append((ptr, nbytes, prior, number))
+            sends, recvs = self.waiting
+            while sends and recvs:
+                self._copy(sends.popleft(), recvs.popleft())
+
+    def _flag(self, direction: int) -> int:
+        return self.flags.data_ptr() + 4 * direction
+
+    def _copy(self, send, recv) -> None:
+        import cupy
+
+        (src, send_bytes, send_prior, number), (dst, recv_bytes, recv_prior, recv_number) = send, recv
+        assert number == recv_number  # matched in order
+        if send_bytes != recv_bytes:
+            STATS["size_mismatches"] += 1
+        stream = self.copy_stream
+        stream.wait_event(send_prior)
+        stream.wait_event(recv_prior)
+        nbytes = min(send_bytes, recv_bytes)
+        with cupy.cuda.Device(self.device_index):
+            cupy.cuda.runtime.memcpyAsync(dst, src, nbytes, cupy.cuda.runtime.memcpyDeviceToDevice, stream.cuda_stream)
+        STATS["copied_bytes"] += nbytes
+        for direction in (1, 0):  # the bytes are in (receiver), then they are out (sender)
+            cuda_driver.stream_write_value(stream.cuda_stream, self._flag(direction), number)
+
+    def abort(self) -> None:
+        with self.lock:
+            if self.aborted:
+                return
+            self.aborted = True
+            release = torch.cuda.Stream(torch.device("cuda", self.device_index))
+            for direction in (0, 1):  # every stream still waiting on a call moves on (its data is lost)
+                cuda_driver.stream_write_value(release.cuda_stream, self._flag(direction), self.posted[direction])
+                self.waiting[direction].clear()
+
+
+class LoopbackEnd:
+    """One side's wire: the interface of kvlink.nccl.Communicator that the NCCL transport uses."""
+
+    init_bytes = 0  # no communicator
+
+    def __init__(self, pair: LoopbackPair, rank: int):
+        self.pair, self.rank = pair, rank
+
+    def send(self, ptr: int, nbytes: int, stream: torch.cuda.Stream) -> None:
+        self.pair.post(0, ptr, nbytes, stream)
+
+    def recv(self, ptr: int, nbytes: int, stream: torch.cuda.Stream) -> None:
+        self.pair.post(1, ptr, nbytes, stream)
+
+    def abort(self) -> None:
+        self.pair.abort()  # as with NCCL, aborting one rank ends the pair for both

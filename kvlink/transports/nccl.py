@@ -1,0 +1,278 @@
+"""The NCCL transport: a pipelined pack -> send -> unpack between two GPUs, the whole of it here.
+
+Per chunk of the request's plan (kvlink.plan)::
+
+    prefill: pack stream:   wait(slot free) -> pack(chunk i) [-> checksum] -> record(slot ready)
+             link stream:   wait(slot ready) -> wire.send(slot) -> record(slot free)
+    decode:  link stream:   wait(slot free) -> wire.recv(slot) -> record(slot ready)
+             unpack stream: wait(slot ready) [-> checksum check] -> unpack(chunk i) -> record(slot free)
+
+Every ordering is a CUDA event between streams; the host never waits for the GPU. Slots come
+from a staging pool allocated once per endpoint (``num_slots`` of ``chunk_bytes``), so chunk
+i+1 packs while chunk i is on the wire and chunk i-1 unpacks. The decode side posts every
+receive of a pull at once, in the order its PULL goes out; the prefill side serves the pulls of
+a link in arrival order, so the sends match them. A pull the prefill side refuses or stops
+keeps its chunk stream in step: it sends empty chunks (no magic word), which the unpack
+kernel refuses without writing a byte.
+
+The wire is an object with ``send(ptr, nbytes, stream)``, ``recv(ptr, nbytes, stream)``,
+``abort()`` and ``init_bytes``: a 2-rank NCCL communicator (kvlink.nccl.Communicator), or, for
+tests and benchmarks on one GPU, the stand-in of kvlink.transports.loopback_wire
+(``EndpointConfig(nccl_wire="loopback")``), which runs this same pipeline with each send/recv
+pair replaced by a device copy ordered exactly as NCCL orders them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from kvlink import nccl
+from kvlink.errors import TransferRefused
+from kvlink.handle import WAIT
+from kvlink.pack import pack_selection, prepare, unpack_selection
+from kvlink.plan import Box, box_payload_bytes
+from kvlink.selection import HEADER_BYTES
+from kvlink.serving import DONE, WAITING, Serve
+from kvlink.transports import loopback_wire
+from kvlink.transports.base import ChunkedTransport, TransportUnavailable
+from kvlink.wire import CHECKSUM_OFFSET, STATUS_OK, payload_checksum_torch
+
+
+def _as_int32(value: torch.Tensor) -> torch.Tensor:
+    """A value in [0, 2**32) as the int32 with the same bits."""
+    return (value - (value >= 2**31).to(value.dtype) * 2**32).to(torch.int32)
+
+
+@dataclass
+class _Slot:
+    """A staging buffer and its two events, reused for every chunk (re-recording is safe: a stream
+    waits on the record that was current when the wait was queued)."""
+    buffer: torch.Tensor
+    free: torch.cuda.Event = field(default_factory=torch.cuda.Event)   # after the last read of the buffer
+    ready: torch.cuda.Event = field(default_factory=torch.cuda.Event)  # after the chunk was written into it
+    used: bool = False
+
+
+@dataclass
+class NcclLink:
+    wire_id: bytes
+    stream: torch.cuda.Stream | None = None  # the link's sends or receives
+    wire: object = None  # set once the communicator (or the stand-in) is up
+
+
+class NcclTransport(ChunkedTransport):
+    name = "nccl"
+    serves_refused_chunks = True  # the receiver posted one receive per chunk: every chunk is sent
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self._loopback = self.config.nccl_wire == "loopback"
+        self._slots: list[_Slot] = []
+        self._slot_cursor = 0
+        self._slot_lock = threading.Lock()
+        self._pack_stream = self._unpack_stream = None
+        if ctx.on_gpu:
+            self._pack_stream = torch.cuda.Stream(self.layout.device)
+            self._unpack_stream = torch.cuda.Stream(self.layout.device)
+            prepare(self.layout, self._pack_stream)
+            prepare(self.layout, self._unpack_stream)
+
+    def unavailable(self, auto: bool = False) -> str | None:
+        if not self.ctx.on_gpu:
+            return f"needs a GPU cache; {self.layout.name} is on {self.layout.device}"
+        if self._loopback:
+            # a stand-in for tests: used when asked for by name, never picked by transport="auto"
+            return "nccl_wire='loopback' is used only with transport='nccl'" if auto else loopback_wire.unavailable()
+        return None if nccl.available() else "CuPy's NCCL is not available"
+
+    # ------------------------------------------------------------------ handshake
+    def can_link(self, hello: dict, same_gpu: bool, same_process: bool) -> bool:
+        if self._loopback:
+            return same_gpu and same_process  # the stand-in copies between two endpoints of one process
+        return not same_gpu  # NCCL refuses two ranks on one GPU
+
+    def prefill_state(self, hello: dict):
+        wire_id = loopback_wire.new_pair(self.ctx.device_index) if self._loopback else nccl.unique_id()
+        return NcclLink(wire_id), {"nccl_id": wire_id}
+
+    def decode_state(self, welcome: dict):
+        if not isinstance(welcome.get("nccl_id"), bytes):
+            raise TransportUnavailable("the peer sent no NCCL id")
+        return NcclLink(welcome["nccl_id"])
+
+    def start(self, link, timeout: float):
+        """Create the link's stream and staging, and start forming the wire; a Future of it. NCCL's
+        communicator forms on a helper thread (both ranks must join): the progress loop goes on."""
+        state = link.state
+        state.stream = torch.cuda.Stream(self.layout.device)
+        self._ensure_slots(link.chunk_bytes)
+        rank = 0 if link.role == "prefill" else 1
+        if self._loopback:
+            future = concurrent.futures.Future()
+            try:
+                future.set_result(loopback_wire.end(state.wire_id, rank))
+            except Exception as exc:  # no such pair: the peer is not a loopback endpoint of this process
+                future.set_exception(exc)
+            return future
+        return _in_thread(f"kvlink-nccl-init-{link.name}", nccl.Communicator, state.wire_id, rank,
+                          self.ctx.device_index, timeout=timeout, peer=link.name)
+
+    def started(self, link, wire) -> None:
+        link.state.wire = wire
+
+    def describe(self, link) -> str:
+        wire = link.state.wire
+        return (f"transport nccl on GPU {self.ctx.device_index}, "
+                + ("stand-in wire (loopback copies, tests only)" if self._loopback else
+                   f"communicator {wire.init_bytes / 2**20:.0f} MiB")
+                + f", staging {len(self._slots)} x {self.config.chunk_bytes / 2**20:.0f} MiB, NCCL env "
+                + str({k: v for k, v in os.environ.items() if k.startswith("NCCL_")}))
+
+    def link_info(self, link) -> dict:
+        wire = link.state.wire if link.state is not None else None
+        return {"nccl_bytes": wire.init_bytes if wire is not None else 0,
+                "staging_bytes": sum(slot.buffer.numel() for slot in self._slots)}
+
+    def _ensure_slots(self, chunk_bytes: int) -> None:
+        with self._slot_lock:
+            if not self._slots:
+                self._slots = [_Slot(torch.empty(chunk_bytes + HEADER_BYTES, dtype=torch.uint8,
+                                                 device=self.layout.device)) for _ in range(self.config.num_slots)]
+
+    def _next_slot(self) -> _Slot:
+        slot = self._slots[self._slot_cursor % len(self._slots)]
+        self._slot_cursor += 1
+        return slot
+
+    # ------------------------------------------------------------------ decode side
+    def receive(self, link, handle, op) -> None:
+        """Post every receive of the pull, with the unpack of each chunk behind it."""
+        started = time.perf_counter()
+        dst_sel, boxes = op.req.dst_sel, op.boxes
+        stream, unpack_stream, wire = link.state.stream, self._unpack_stream, link.state.wire
+        if op.req.after is not None:
+            unpack_stream.wait_event(op.req.after)  # pull(stream=): no write before the caller's work
+        with torch.cuda.stream(unpack_stream):  # zeroed on the stream that later reads it
+            status = torch.zeros(1, dtype=torch.int32, device=self.layout.device)
+        checksum_bad = None
+        layer_events = {}
+        for box in boxes:
+            nbytes = HEADER_BYTES + box_payload_bytes(box, dst_sel.token_layer_bytes)
+            slot = self._next_slot()
+            if slot.used:
+                stream.wait_event(slot.free)
+            wire.recv(slot.buffer.data_ptr(), nbytes, stream)
+            slot.ready.record(stream)
+            unpack_stream.wait_event(slot.ready)
+            if self.config.checksum:
+                with torch.cuda.stream(unpack_stream):
+                    # a chunk that fails its checksum loses its magic word, so the unpack refuses it whole
+                    bad = _as_int32(payload_checksum_torch(slot.buffer[HEADER_BYTES:nbytes])) != \
+                        slot.buffer[CHECKSUM_OFFSET:HEADER_BYTES].view(torch.int32)
+                    slot.buffer[:4].view(torch.int32).bitwise_xor_(bad.to(torch.int32) * 0x55555555)
+                    checksum_bad = bad if checksum_bad is None else checksum_bad | bad
+            unpack_selection(dst_sel.box(box[:2], box[2:]), slot.buffer[:nbytes], unpack_stream, self.ctx.backend,
+                             self.config.max_ctas, status, cache_scale=self.config.cache_scale)
+            slot.free.record(unpack_stream)
+            slot.used = True
+            if handle.layerwise and box[3] == dst_sel.num_tokens:
+                for layer in range(box[0], box[1]):
+                    layer_events[layer] = event = torch.cuda.Event()
+                    event.record(unpack_stream)
+        with torch.cuda.stream(unpack_stream):
+            status_host = torch.empty(2 if checksum_bad is not None else 1, dtype=torch.int32, pin_memory=True)
+            status_host[:1].copy_(status, non_blocking=True)
+            if checksum_bad is not None:
+                status_host[1:].copy_(checksum_bad.to(torch.int32).reshape(1), non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(unpack_stream)
+        handle.stats.enqueue_seconds = time.perf_counter() - started
+        handle._gpu_work(done, layer_events, partial(_verdict, status_host))
+
+    def poll(self, link) -> None:
+        # NOTE: a link's pulls unpack in issue order on one stream: the first one not done holds
+        # every one behind it, so a turn looks at the heads only
+        for handle in list(link.pending.values()):
+            if not handle.done():
+                return
+            self.notify(link, handle)
+
+    # ------------------------------------------------------------------ prefill side
+    def serve(self, link, serve: Serve, ready: dict) -> str:
+        while serve.next_chunk < len(serve.boxes):
+            box = serve.boxes[serve.next_chunk]
+            if self.waits_for_layers(serve, box, ready):
+                return WAITING
+            started = time.perf_counter()
+            self._send_chunk(link, serve, box, ready)
+            serve.enqueue_seconds += time.perf_counter() - started
+            serve.next_chunk += 1
+        return DONE
+
+    def _send_chunk(self, link, serve: Serve, box: Box, ready: dict) -> None:
+        """Pack ``box`` into the next slot and send it (a refused pull's chunk: empty, no magic)."""
+        slot = self._next_slot()
+        stream = self._pack_stream
+        if slot.used:
+            stream.wait_event(slot.free)
+        if serve.refused is None:
+            nbytes = HEADER_BYTES + box_payload_bytes(box, serve.sel.token_layer_bytes)
+            for layer in range(box[0], box[1]):
+                if ready.get(layer) is not None:
+                    stream.wait_event(ready[layer])
+            pack_selection(serve.sel.box(box[:2], box[2:]), slot.buffer, stream, self.ctx.backend, self.config.max_ctas)
+            if serve.checksum:
+                with torch.cuda.stream(stream):
+                    sent = payload_checksum_torch(slot.buffer[HEADER_BYTES:nbytes])
+                    slot.buffer[CHECKSUM_OFFSET:HEADER_BYTES].view(torch.int32).copy_(_as_int32(sent))
+        else:
+            nbytes = self.refused_chunk_bytes(link, serve, box)
+            with torch.cuda.stream(stream):
+                slot.buffer[:HEADER_BYTES].fill_(0)  # no magic: the receiver refuses it and writes nothing
+        slot.ready.record(stream)
+        link.state.stream.wait_event(slot.ready)
+        link.state.wire.send(slot.buffer.data_ptr(), nbytes, link.state.stream)
+        slot.free.record(link.state.stream)
+        slot.used = True
+
+    def serve_failed(self, link, serve: Serve, exc: Exception) -> None:
+        # the chunk stream is out of step with the receiver's: nothing later on this link can match
+        self.ctx.engine.fail_link(link, f"serving request {serve.request!r} failed: {exc}")
+
+    # ------------------------------------------------------------------ teardown
+    def link_failed(self, link) -> None:
+        wire = link.state.wire if link.state is not None else None
+        if wire is not None:
+            wire.abort()  # frees NCCL's memory without waiting on a peer that may be gone
+
+
+def _verdict(status_host: torch.Tensor, final: bool = False):
+    """A pull's outcome once its last unpack ran: the unpack's status word (and checksum flag)."""
+    if int(status_host[0]) == STATUS_OK:
+        return None
+    if not final:
+        return WAIT  # the sender's FAILED, on its way, names the reason better
+    if status_host.numel() > 1 and int(status_host[1]):
+        return "a received chunk failed its checksum (corrupted on the way) and was not unpacked", None, TransferRefused
+    return "a received chunk was refused (header mismatch or refused by the sender)", None, TransferRefused
+
+
+def _in_thread(name: str, fn, *args, **kwargs) -> concurrent.futures.Future:
+    """``fn(*args, **kwargs)`` on a daemon thread of its own; a Future of its result."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run():
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
