@@ -27,17 +27,6 @@ LEASE = {"lease_seconds": 600.0}  # so that only a prompt release frees prefill'
 PROMPT_RELEASE = 20.0  # how long a test waits for a release: far below the lease, far above any step
 
 
-@pytest.fixture
-def engines():
-    made = []
-
-    def make(*args, **kwargs):
-        engine = h.VllmEngine(*args, **kwargs)
-        made.append(engine)
-        return engine
-    yield make
-    for engine in made:
-        engine.close()
 
 
 def local_run(engine, request_id, prompt, max_tokens=1):

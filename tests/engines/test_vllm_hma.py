@@ -20,17 +20,6 @@ import vllm_harness as h  # noqa: E402
 PROMPT = list(range(10, 87))
 
 
-@pytest.fixture
-def engines():
-    made = []
-
-    def make(*args, **kwargs):
-        engine = h.VllmEngine(*args, **kwargs)
-        made.append(engine)
-        return engine
-    yield make
-    for engine in made:
-        engine.close()
 
 
 def test_single_group_models_run_with_hma_on(engines):

@@ -22,17 +22,6 @@ import vllm_harness as h  # noqa: E402
 PROMPT = list(range(10, 87))  # 77 tokens: 4 full blocks and a partial one
 
 
-@pytest.fixture
-def engines():
-    made = []
-
-    def make(*args, **kwargs):
-        engine = h.VllmEngine(*args, **kwargs)
-        made.append(engine)
-        return engine
-    yield make
-    for engine in made:
-        engine.close()
 
 
 def transfer(prefill, decode, prompt=PROMPT, decode_prompt=None, max_tokens=3, rid="r0", local_prefix=0):
