@@ -81,6 +81,11 @@ class IpcTransport(Transport):
         self._counters_busy: set[int] = set()
         self._counter_cursor = 0
         self._launch_lock = threading.Lock()  # pulls launch on their callers' threads
+        # NOTE: the counter slots have a lock of their own. A caller's launch can block inside the
+        # driver while its stream is full of copies waiting on counters (a prefill that died), and
+        # only the progress thread's releases of timed-out counters drain it: a release that
+        # needed the launch lock would wait for that caller for ever.
+        self._counter_lock = threading.Lock()
         self._release_stream = None
         self.reason = self._offer()
 
@@ -251,13 +256,14 @@ class IpcTransport(Transport):
         super().cancel(link, handle)
 
     def _take_counter(self, handle) -> int:
-        """A layer-counter slot no pending pull uses (caller holds the launch lock)."""
-        for _ in range(COUNTER_SLOTS):
-            slot = self._counter_cursor
-            self._counter_cursor = (slot + 1) % COUNTER_SLOTS
-            if slot not in self._counters_busy:
-                self._counters_busy.add(slot)
-                return slot
+        """A layer-counter slot no pending pull uses."""
+        with self._counter_lock:
+            for _ in range(COUNTER_SLOTS):
+                slot = self._counter_cursor
+                self._counter_cursor = (slot + 1) % COUNTER_SLOTS
+                if slot not in self._counters_busy:
+                    self._counters_busy.add(slot)
+                    return slot
         raise TransferError(f"request {handle.request!r} from {handle.peer}: {COUNTER_SLOTS} layer-wise pulls "
                             "already in flight")
 
@@ -272,7 +278,7 @@ class IpcTransport(Transport):
         if failed:
             cuda_driver.stream_write_value(self._release_stream.cuda_stream, self._counters.data_ptr() + 4 * slot,
                                            base + num_layers)
-        with self._launch_lock:
+        with self._counter_lock:
             self._counters_busy.discard(slot)
 
     # ------------------------------------------------------------------ prefill side
