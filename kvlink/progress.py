@@ -37,6 +37,15 @@ from kvlink.link import Link
 log = logging.getLogger("kvlink")
 
 
+
+def wake_pair(context: zmq.Context, name: str) -> tuple[zmq.Socket, zmq.Socket]:
+    """(send, receive) ends of an inproc PAIR: another thread wakes a poll loop by sending on it."""
+    send, receive = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    address = f"inproc://{name}-{uuid.uuid4().hex}"
+    receive.bind(address)
+    send.connect(address)
+    return send, receive
+
 class ProgressEngine:
     """Sockets, links, commands and liveness of one endpoint (see the module docstring)."""
 
@@ -53,11 +62,7 @@ class ProgressEngine:
         self._busy = False  # the loop turns every millisecond anyway (post_quiet needs no wake-up)
         self._stopping = False
         self.context = zmq.Context()
-        self._wake_send = self.context.socket(zmq.PAIR)
-        self._wake_recv = self.context.socket(zmq.PAIR)
-        wake_address = f"inproc://kvlink-wake-{uuid.uuid4().hex}"
-        self._wake_recv.bind(wake_address)
-        self._wake_send.connect(wake_address)
+        self._wake_send, self._wake_recv = wake_pair(self.context, "kvlink-wake")
         self._wake_lock = threading.Lock()
         self._poller = zmq.Poller()
         self._poller.register(self._wake_recv, zmq.POLLIN)

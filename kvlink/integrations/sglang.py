@@ -61,6 +61,7 @@ import zmq
 
 import kvlink
 from kvlink import presets
+from kvlink.progress import wake_pair
 from kvlink.resharding import heads_of_rank, plan_resharding, pull_resharded
 
 log = logging.getLogger("kvlink.sglang")
@@ -755,11 +756,7 @@ class _Channel:
             self._pull.setsockopt(zmq.IPV6, 1)
         port = self._pull.bind_to_random_port(f"tcp://{_zmq_host(ip)}")
         self.address = f"tcp://{_zmq_host(ip)}:{port}"
-        self._wake_send = self._ctx.socket(zmq.PAIR)
-        self._wake_recv = self._ctx.socket(zmq.PAIR)
-        wake = f"inproc://kvlink-sglang-{uuid.uuid4().hex}"
-        self._wake_recv.bind(wake)
-        self._wake_send.connect(wake)
+        self._wake_send, self._wake_recv = wake_pair(self._ctx, "kvlink-sglang")
         self._wake_lock = threading.Lock()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pushes: dict[str, zmq.Socket] = {}
