@@ -107,9 +107,11 @@ __device__ __forceinline__ void write_header(unsigned char* chunk, const unsigne
 // Work is a flat list of tiles (plane-major), so thread blocks stay balanced whatever the grid:
 // one tile per block by default, or a grid-stride loop under an SM budget (max_ctas).
 
-template <int VEC>
-__global__ void __launch_bounds__(THREADS) kvlink_pack(
-    const unsigned char* __restrict__ meta, const u64* __restrict__ plane_ptrs, unsigned char* __restrict__ chunk) {
+// INLINE: the metadata (and so the block ids) lives in the kernel's parameter space (the _inline
+// kernels below), which the read-only global path cannot load.
+template <int VEC, bool INLINE>
+__device__ __forceinline__ void pack_tiles(const unsigned char* __restrict__ meta, const u64* __restrict__ plane_ptrs,
+                                           unsigned char* __restrict__ chunk) {
     typedef typename VecType<VEC>::T V;
     const Geometry g = *reinterpret_cast<const Geometry*>(meta);
     const int* block_ids = reinterpret_cast<const int*>(meta + META_BLOCK_IDS_OFFSET);
@@ -126,7 +128,7 @@ __global__ void __launch_bounds__(THREADS) kvlink_pack(
         for (int u = 0; u < UNROLL; ++u) {
             u32 j = base + u * THREADS;
             if (j < g.vecs_per_plane)
-                tmp[u] = load(reinterpret_cast<const V*>(plane + cache_offset(g, block_ids, j, VEC)));
+                tmp[u] = load(reinterpret_cast<const V*>(plane + cache_offset<INLINE>(g, block_ids, j, VEC)));
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
@@ -134,6 +136,12 @@ __global__ void __launch_bounds__(THREADS) kvlink_pack(
             if (j < g.vecs_per_plane) store(out + j, tmp[u]);
         }
     }
+}
+
+template <int VEC>
+__global__ void __launch_bounds__(THREADS) kvlink_pack(
+    const unsigned char* __restrict__ meta, const u64* __restrict__ plane_ptrs, unsigned char* __restrict__ chunk) {
+    pack_tiles<VEC, false>(meta, plane_ptrs, chunk);
 }
 
 // Refuses the whole chunk (writes nothing, sets *status = 1) when its header differs from the
@@ -152,10 +160,9 @@ __device__ __forceinline__ bool chunk_refused(const Geometry& g, const unsigned 
 }
 
 // Unpack: refuses a chunk whose header does not match (chunk_refused), else scatters it.
-template <int VEC>
-__global__ void __launch_bounds__(THREADS) kvlink_unpack(
-    const unsigned char* __restrict__ meta, const u64* __restrict__ plane_ptrs,
-    const unsigned char* __restrict__ chunk, int* __restrict__ status) {
+template <int VEC, bool INLINE>
+__device__ __forceinline__ void unpack_tiles(const unsigned char* __restrict__ meta, const u64* __restrict__ plane_ptrs,
+                                             const unsigned char* __restrict__ chunk, int* __restrict__ status) {
     typedef typename VecType<VEC>::T V;
     const Geometry g = *reinterpret_cast<const Geometry*>(meta);
     const int* block_ids = reinterpret_cast<const int*>(meta + META_BLOCK_IDS_OFFSET);
@@ -175,9 +182,40 @@ __global__ void __launch_bounds__(THREADS) kvlink_unpack(
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             u32 j = base + u * THREADS;
-            if (j < g.vecs_per_plane) store(reinterpret_cast<V*>(plane + cache_offset(g, block_ids, j, VEC)), tmp[u]);
+            if (j < g.vecs_per_plane)
+                store(reinterpret_cast<V*>(plane + cache_offset<INLINE>(g, block_ids, j, VEC)), tmp[u]);
         }
     }
+}
+
+template <int VEC>
+__global__ void __launch_bounds__(THREADS) kvlink_unpack(
+    const unsigned char* __restrict__ meta, const u64* __restrict__ plane_ptrs,
+    const unsigned char* __restrict__ chunk, int* __restrict__ status) {
+    unpack_tiles<VEC, false>(meta, plane_ptrs, chunk, status);
+}
+
+// Pack and unpack with their metadata record passed by value as the launch's one parameter: no
+// host-to-device upload (and no event guarding its host buffer) before the launch, for records of
+// up to ~950 block ids. Layout mirrored by kvlink/kernels.py:CHUNK_PARAMS_HEADER.
+constexpr int INLINE_META_BYTES = 4000;
+struct __align__(16) ChunkParams {
+    u64 plane_ptrs;
+    u64 chunk;
+    u64 status;  // unpack only
+    u32 pad[2];
+    unsigned char meta[INLINE_META_BYTES];  // [Geometry | pad to 128 | header (64 B) | block ids (int32)]
+};
+
+template <int VEC>
+__global__ void __launch_bounds__(THREADS) kvlink_pack_inline(const __grid_constant__ ChunkParams p) {
+    pack_tiles<VEC, true>(p.meta, reinterpret_cast<const u64*>(p.plane_ptrs), reinterpret_cast<unsigned char*>(p.chunk));
+}
+
+template <int VEC>
+__global__ void __launch_bounds__(THREADS) kvlink_unpack_inline(const __grid_constant__ ChunkParams p) {
+    unpack_tiles<VEC, true>(p.meta, reinterpret_cast<const u64*>(p.plane_ptrs),
+                            reinterpret_cast<const unsigned char*>(p.chunk), reinterpret_cast<int*>(p.status));
 }
 
 // Direct copy between two caches (the CUDA IPC transport: the source planes are the peer GPU's,
@@ -224,8 +262,7 @@ __global__ void __launch_bounds__(THREADS) kvlink_copy(
 
 // The same copy with both metadata records passed by value as the launch's parameters: no
 // host-to-device upload before the launch (the common case: up to ~450 blocks a side).
-// Layout mirrored by kvlink/kernels.py:INLINE_PARAMS.
-constexpr int INLINE_META_BYTES = 4000;
+// Layout mirrored by kvlink/kernels.py:INLINE_PARAMS_HEADER.
 struct __align__(16) CopyParams {
     u64 src_planes;
     u64 dst_planes;

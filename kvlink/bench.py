@@ -1,6 +1,6 @@
 """kvlink's main job, measured: move KV caches between two processes and compare with baselines.
 
-    python -m kvlink.bench                       # NCCL across two GPUs, or the host path on a CPU-only machine
+    python -m kvlink.bench                       # NCCL across two GPUs, ipc on one GPU, or the host path on a CPU
     kvlink-bench --backend host --layers 4 --tokens 16 256 --iters 5
 
 With ``--prefill-tp``/``--decode-tp`` above 1 it runs that topology instead, one process per
@@ -17,6 +17,9 @@ for each size measures, in the same run:
   unpack, pipelined), or the host path;
 - ``raw``: one send/recv of the same number of contiguous bytes, the sender already waiting
   (NCCL on GPUs, ZeroMQ on the host path): the wire's own time;
+- ``copy`` (one GPU, where both processes share it and NCCL cannot link them): a device-to-device
+  copy of the same number of contiguous bytes on that GPU (torch ``copy_``), timed like kvlink's
+  pulls, from the call to its completion seen by the host: what any transfer on one GPU costs;
 - ``naive``: gather with torch (index_select per layer) -> one send -> scatter with torch;
 - ``kvlink xN``: N kvlink pulls in flight at once (``--concurrent``), timed until the last is done;
 - ``kvlink layerwise``: a layer-wise pull whose prefill side calls ``layer_ready()`` layer by
@@ -60,14 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line. Defaults that differ between two GPUs (W1) and the host path are stated once, in the help."""
     p = argparse.ArgumentParser(
         prog="kvlink-bench", description=__doc__.split("\n\n")[0],
-        epilog="Where two defaults are given, the first is for two GPUs (the W1 shape of docs/design.md) and the second "
-               "for the host path (CPU only, TCP on loopback).")
-    p.add_argument("--backend", choices=("auto", "nccl", "host"), default="auto",
-                   help="the baselines' wire and the machine: nccl = two GPUs, host = CPU processes over TCP; "
-                        "auto (default) = nccl when two GPUs and NCCL are available, else host")
+        epilog="Where two defaults are given, the first is for GPUs (the W1 shape of docs/design.md, on two GPUs or "
+               "one) and the second for the host path (CPU only, TCP on loopback).")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="the baselines' wire and the machine: nccl = two GPUs; gpu = one GPU shared by both "
+                        "processes (kvlink over CUDA IPC, baseline a device copy); host = CPU processes over TCP; "
+                        "auto (default) = nccl with two GPUs and NCCL, gpu with one GPU, else host")
     p.add_argument("--transport", choices=("auto", "ipc", "nccl", "host"), default="auto",
                    help="kvlink's own link. On two GPUs: auto (default) = CUDA IPC when both are on one host, "
-                        "else NCCL; ipc and nccl force one. On the host path only auto or host (TCP) is allowed")
+                        "else NCCL; ipc and nccl force one. On one GPU only auto or ipc, on the host path only "
+                        "auto or host (TCP) is allowed")
     p.add_argument("--layers", type=int, default=None, help="layers in each cache (default 32 / 4)")
     p.add_argument("--kv-heads", type=int, default=None, help="KV heads in each cache (default 8 / 4)")
     p.add_argument("--head-dim", type=int, default=None,
@@ -95,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed iterations of every case; the table reports their median, min and max (default 20)")
     p.add_argument("--warmup", type=int, default=3,
                    help="untimed iterations before the timed ones of every case (default 3)")
-    p.add_argument("--methods", default="kvlink,raw,naive",
-                   help="comma-separated subset of kvlink,raw,naive (default all three)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of kvlink,raw,naive (two GPUs, host path) or kvlink,copy (one GPU); "
+                        "default all of them")
     p.add_argument("--concurrent", type=int, default=None,
                    help="requests in flight in the concurrency case, 0 skips it (default 64 / 8)")
     p.add_argument("--concurrent-tokens", type=int, default=None,
@@ -147,18 +153,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.backend = pick_backend(args.backend)
     if args.backend == "host" and args.transport not in ("auto", "host"):
         p.error(f"--transport {args.transport} needs GPUs; the host path links over TCP")
-    args.kvlink_transport = "host" if args.backend == "host" else args.transport
-    w1 = args.backend == "nccl"
+    if args.backend == "gpu" and args.transport not in ("auto", "ipc"):
+        p.error(f"--transport {args.transport} needs two GPUs; on one GPU both processes link over ipc")
+    args.kvlink_transport = {"host": "host", "gpu": "ipc"}.get(args.backend, args.transport)
+    w1 = args.backend in ("nccl", "gpu")
     for name, gpu_default, host_default in (("layers", 32, 4), ("kv_heads", 8, 4), ("head_dim", 128, 64),
                                             ("num_blocks", 2048, 512), ("tokens", [16, 128, 512, 1024, 4096],
                                                                         [16, 256, 2048]),
                                             ("concurrent", 64, 8), ("concurrent_tokens", 512, 256)):
         if getattr(args, name) is None:
             setattr(args, name, gpu_default if w1 else host_default)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = set(args.methods) - {"kvlink", "raw", "naive"}
+    allowed = METHODS[args.backend]
+    args.methods = [m.strip() for m in (args.methods or ",".join(allowed)).split(",") if m.strip()]
+    bad = set(args.methods) - set(allowed)
     if bad:
-        p.error(f"unknown methods {sorted(bad)}")
+        p.error(f"methods {sorted(bad)} are not measured with --backend {args.backend} (it has {', '.join(allowed)})")
     for value, name in ((args.layers, "--layers"), (args.kv_heads, "--kv-heads"), (args.head_dim, "--head-dim"),
                         (args.block_size, "--block-size"), (args.num_blocks, "--num-blocks"), (args.iters, "--iters")):
         if value <= 0:
@@ -167,10 +176,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--warmup must not be negative, got {args.warmup}")
     if args.src_layout in presets.MLA_PRESETS:
         args.kv_heads = 1  # MLA's latent: --head-dim is its width
+    if args.wire_dtype and args.backend == "gpu":
+        p.error("--wire-dtype fp8 needs a wire: two GPUs and --transport nccl (one GPU links over ipc)")
     if args.wire_dtype and args.backend == "nccl" and args.transport in ("auto", "ipc"):
         if args.transport == "ipc":
             p.error("--wire-dtype fp8 needs a wire: --transport nccl (an ipc pull copies the cache's own bytes)")
         args.kvlink_transport = "nccl"
+    if (args.prefill_tp > 1 or args.decode_tp > 1) and args.backend == "gpu":
+        p.error("--prefill-tp/--decode-tp need a GPU per rank (or the host path: --backend host)")
     if args.prefill_tp > 1 or args.decode_tp > 1:
         from kvlink.resharding import plan_resharding
         try:
@@ -191,11 +204,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def pick_backend(requested: str) -> str:
-    from kvlink import nccl
+BACKENDS = ("auto", "nccl", "gpu", "host")
+METHODS = {"nccl": ("kvlink", "raw", "naive"), "host": ("kvlink", "raw", "naive"), "gpu": ("kvlink", "copy")}
+
+
+def choose_backend(requested: str, gpus: int, nccl_available: bool, kernels_available: bool) -> str:
+    """The machine the benchmark runs on, for ``--backend requested`` (pure: the facts are arguments).
+
+    auto: two GPUs with NCCL -> "nccl"; exactly one GPU with kvlink's kernels (CuPy) -> "gpu" (both
+    processes on it, kvlink over ipc, against a device copy); else "host" (CPU processes, TCP).
+    """
     if requested != "auto":
         return requested
-    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= 2 and nccl.available() else "host"
+    if gpus >= 2 and nccl_available:
+        return "nccl"
+    if gpus == 1 and kernels_available:
+        return "gpu"
+    return "host"
+
+
+def pick_backend(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    from kvlink import kernels, nccl
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return choose_backend(requested, gpus, gpus >= 2 and nccl.available(), gpus == 1 and kernels.cuda_available())
+
+
+def side_device(backend: str, side: str) -> str:
+    """The device of the prefill or decode process: two GPUs, one shared GPU, or the CPU."""
+    if backend == "nccl":
+        return "cuda:0" if side == "prefill" else "cuda:1"
+    return "cuda:0" if backend == "gpu" else "cpu"
 
 
 def shape_of(args, side: str = "src", num_heads: int | None = None) -> dict:
@@ -234,6 +274,37 @@ def pattern(nbytes: int, seed: int, device: str) -> torch.Tensor:
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
+
+
+def time_device_copy(nbytes: int, iters: int, warmup: int, seed: int, device: str,
+                     timeout: float) -> tuple[list[float], list[float], int]:
+    """The ``copy`` baseline: ``dst.copy_(src)`` of ``nbytes`` contiguous bytes on the GPU, timed as
+    kvlink's pulls are, from the call until the host sees it complete (an event polled with
+    sleep(0), as ``TransferHandle.wait`` polls an ipc pull). Returns the wall times, the GPU times
+    (CUDA events around the copy) and the bytes that differ at the end."""
+    src = pattern(nbytes, seed, device)
+    dst = torch.empty_like(src)
+    walls, gpu = [], []
+    for i in range(warmup + iters):
+        dst.zero_()
+        sync(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        dst.copy_(src)
+        end.record()
+        while not end.query():
+            if time.perf_counter() - t0 > timeout:
+                raise TimeoutError(f"a device copy of {nbytes} bytes not done after {timeout:.0f} s")
+            time.sleep(0)
+        elapsed = time.perf_counter() - t0
+        if i >= warmup:
+            walls.append(elapsed)
+            gpu.append(start.elapsed_time(end) * 1e-3)
+    wrong = int((dst != src).sum().item())
+    del src, dst
+    torch.cuda.empty_cache()
+    return walls, gpu, wrong
 
 
 def share_cpus(processes: int) -> None:
@@ -364,7 +435,7 @@ def scatter_torch(layout, block_ids: torch.Tensor, data: torch.Tensor) -> None:
 
 def start_profiler(backend: str):
     from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if backend == "nccl" else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if backend in ("nccl", "gpu") else [])
     profiler = profile(activities=activities)
     profiler.__enter__()
     return profiler
@@ -380,9 +451,9 @@ def prefill_main(args, backend: str, conn, results) -> None:
     faulthandler.dump_traceback_later(120, repeat=True)  # a stuck run shows where
     logging.basicConfig(level=logging.INFO, format="[prefill] %(message)s", stream=sys.stderr)
     import kvlink
-    device = "cuda:0" if backend == "nccl" else "cpu"
-    if backend == "nccl":
-        torch.cuda.set_device(0)
+    device = side_device(backend, "prefill")
+    if device != "cpu":
+        torch.cuda.set_device(torch.device(device))
     else:
         share_cpus(2)
     try:
@@ -454,14 +525,24 @@ def planned_cases(args) -> int:
     """How many records a run of the main benchmark makes (for its progress lines)."""
     same_layout = args.src_layout == args.dst_layout and args.block_size == args.dst_block_size
     count = 0
-    if "raw" in args.methods:
-        concurrent_total = args.concurrent * args.concurrent_tokens  # raw also sends the concurrency case's total
-        count += len(args.tokens) + bool(args.concurrent and concurrent_total not in args.tokens)
+    concurrent_total = args.concurrent * args.concurrent_tokens  # the baselines also move the concurrency case's total
+    for baseline in ("raw", "copy"):
+        if baseline in args.methods:
+            count += len(args.tokens) + bool(args.concurrent and concurrent_total not in args.tokens)
     if "naive" in args.methods and same_layout:
         count += len(args.tokens)
     if "kvlink" in args.methods:
         count += len(args.tokens) + bool(args.concurrent) + bool(args.layerwise)
     return count
+
+
+def baseline_sizes(args, token_bytes: int) -> list[tuple[int, int]]:
+    """(tokens, bytes) the baselines move: each request size, and the concurrency case's total."""
+    sizes = [(num_tokens, num_tokens * token_bytes) for num_tokens in args.tokens]
+    concurrent_tokens = args.concurrent * args.concurrent_tokens
+    if args.concurrent and concurrent_tokens not in args.tokens:
+        sizes.append((concurrent_tokens, concurrent_tokens * token_bytes))
+    return sizes
 
 
 class Recorder:
@@ -481,9 +562,9 @@ def decode_main(args, backend: str, conn, results) -> None:
     faulthandler.dump_traceback_later(120, repeat=True)
     logging.basicConfig(level=logging.INFO, format="[decode]  %(message)s", stream=sys.stderr)
     import kvlink
-    device = "cuda:1" if backend == "nccl" else "cpu"
-    if backend == "nccl":
-        torch.cuda.set_device(1)
+    device = side_device(backend, "decode")
+    if device != "cpu":
+        torch.cuda.set_device(torch.device(device))
     else:
         share_cpus(2)
     recorder = Recorder(results, args.warmup, planned_cases(args))
@@ -541,11 +622,7 @@ def decode_main(args, backend: str, conn, results) -> None:
             raw.recv(torch.empty(1, dtype=torch.uint8, device=device))  # the connection warm-up
             raw.finish()
         if "raw" in args.methods:
-            sizes = [(num_tokens, num_tokens * token_bytes) for num_tokens in args.tokens]
-            concurrent_tokens = args.concurrent * args.concurrent_tokens
-            if args.concurrent and concurrent_tokens not in args.tokens:
-                sizes.append((concurrent_tokens, concurrent_tokens * token_bytes))
-            for num_tokens, nbytes in sizes:
+            for num_tokens, nbytes in baseline_sizes(args, token_bytes):
                 buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
                 expected = pattern(nbytes, args.seed + num_tokens, device)
                 conn.send(("raw", nbytes, args.warmup + args.iters, args.seed + num_tokens))
@@ -563,6 +640,12 @@ def decode_main(args, backend: str, conn, results) -> None:
                         times.append(elapsed)
                     wrong += int((buffer != expected).sum().item())
                 recorder.add("raw", num_tokens, nbytes, times, wrong)
+        if "copy" in args.methods:
+            for num_tokens, nbytes in baseline_sizes(args, token_bytes):
+                times, gpu_times, wrong = time_device_copy(nbytes, args.iters, args.warmup, args.seed + num_tokens,
+                                                           device, args.timeout)
+                recorder.add("copy", num_tokens, nbytes, times, wrong,
+                             gpu_us=statistics.median(gpu_times) * 1e6)
         same_layout = args.src_layout == args.dst_layout and args.block_size == args.dst_block_size
         if "naive" in args.methods and not same_layout:
             print("naive baseline skipped: it copies whole blocks, so it needs one layout and block size on both sides",
@@ -590,8 +673,8 @@ def decode_main(args, backend: str, conn, results) -> None:
                     wrong += wrong_bytes(src, dst, num_tokens)
                 recorder.add("naive", num_tokens, num_tokens * token_bytes, times, wrong)
         print("phase: kvlink", file=sys.stderr, flush=True)
-        free_before = torch.cuda.mem_get_info(1)[0] if backend == "nccl" else 0
-        reserved_before = torch.cuda.memory_reserved(1) if backend == "nccl" else 0
+        free_before = torch.cuda.mem_get_info(device)[0] if backend == "nccl" else 0
+        reserved_before = torch.cuda.memory_reserved(device) if backend == "nccl" else 0
         chunk_bytes = args.chunk_mb * MiB if args.chunk_mb else None
         endpoint = kvlink.Endpoint(layout, name="decode", listen=None, transport=args.kvlink_transport,
                                    chunk_bytes=chunk_bytes, timeout=args.timeout, max_ctas=args.max_ctas,
@@ -685,8 +768,8 @@ def decode_main(args, backend: str, conn, results) -> None:
                 link = endpoint.links()[0]
                 conn.send(("memory",))
                 _, prefill_links = conn.recv()
-                outside_torch = (free_before - torch.cuda.mem_get_info(1)[0]) - (
-                    torch.cuda.memory_reserved(1) - reserved_before)
+                outside_torch = (free_before - torch.cuda.mem_get_info(device)[0]) - (
+                    torch.cuda.memory_reserved(device) - reserved_before)
                 results.put(("memory", {
                     "transport": transport,
                     "decode_nccl_bytes_at_init": link["nccl_bytes"], "decode_nccl_bytes_now": outside_torch,
@@ -707,8 +790,8 @@ def decode_main(args, backend: str, conn, results) -> None:
 # ------------------------------------------------------------------------------------- report
 def describe_methods(records: list[dict], args) -> dict[str, str]:
     """What each method in ``records`` measures, in the words the table's legend and the JSON use."""
-    wire = ("NCCL send/recv between the two GPUs" if args.backend == "nccl"
-            else "a ZeroMQ socket over TCP on loopback")
+    wire = {"nccl": "NCCL send/recv between the two GPUs", "gpu": "none: both processes share one GPU"}.get(
+        args.backend, "a ZeroMQ socket over TCP on loopback")
     transports = ", ".join(sorted({r["transport"] for r in records if r.get("transport")})) or "-"
     fp8 = "; fp8 (e4m3) on the wire" if args.wire_dtype else ""
     out = {}
@@ -719,6 +802,10 @@ def describe_methods(records: list[dict], args) -> dict[str, str]:
         if method == "raw":
             out[method] = (f"the same number of bytes as one contiguous send/recv over the same wire ({wire}), "
                            f"the sender already posted: the wire's own time, no gather or scatter")
+        elif method == "copy":
+            out[method] = ("a device-to-device copy of the same number of contiguous bytes on the one GPU both "
+                           "processes share (torch copy_), from the call until the host sees it complete (an event "
+                           "polled as an ipc pull's wait polls): any transfer's floor there, no gather or scatter")
         elif method == "naive":
             out[method] = ("gather the blocks with torch (index_select per layer plane) -> one send over raw's wire "
                            "-> scatter with torch (index_copy_), timed from the request to the last scatter")
@@ -726,8 +813,9 @@ def describe_methods(records: list[dict], args) -> dict[str, str]:
             out[method] = (f"kvlink.Endpoint.pull() on the decode side until the pull completes, one request at a "
                            f"time (transport {transports}{fp8})")
         elif method.startswith("kvlink x"):
+            base = baseline_method(records)
             out[method] = (f"{r.get('concurrent')} pulls of {r['tokens']} tokens in flight at once, timed until the "
-                           f"last completes; size and GB/s count all of them, vs raw is against one raw send of "
+                           f"last completes; size and GB/s count all of them, vs {base} is against one {base} of "
                            f"that total")
         elif method == "kvlink layerwise":
             out[method] = (f"a layer-wise pull: the prefill side calls layer_ready() for each of its {args.layers} "
@@ -759,16 +847,22 @@ def legend_lines(descriptions: dict[str, str], records: list[dict], extra: tuple
     return lines
 
 
+def baseline_method(records: list[dict]) -> str:
+    """The method the table's ratio column divides by: "copy" on one GPU, else "raw"."""
+    return "copy" if any(r["method"] == "copy" for r in records) else "raw"
+
+
 def table(records: list[dict], memory: dict | None, legend: list[str] = ()) -> str:
-    raw = {r["tokens"]: r for r in records if r["method"] == "raw"}
+    base_method = baseline_method(records)
+    raw = {r["tokens"]: r for r in records if r["method"] == base_method}
     transports = sorted({r["transport"] for r in records if r.get("transport")})
     width = max([len(r["method"]) for r in records] + [16])
     lines = [f"{'method':<{width}} {'tokens':>7} {'size(B)':>12} {'time(us)':>10} {'min(us)':>10} {'max(us)':>10} "
-             f"{'GB/s':>8} {'vs raw':>7} {'#wrong':>7}"]
+             f"{'GB/s':>8} {'vs ' + base_method:>7} {'#wrong':>7}"]
     for r in records:
         base = raw.get(r["tokens"] * r.get("concurrent", 1))
         ratio = (f"{r['GBps'] / base['GBps']:.3f}" if base and base["GBps"] and r["GBps"] is not None
-                 and r["method"] != "raw" else "-")
+                 and r["method"] != base_method else "-")
         rate = fmt_rate(r["GBps"])
         lines.append(f"{r['method']:<{width}} {r['tokens']:>7} {r['bytes']:>12} {r['time_us']:>10.1f} "
                      f"{r['time_min_us']:>10.1f} {r['time_max_us']:>10.1f} {rate:>8} {ratio:>7} {r['wrong_bytes']:>7}")
@@ -787,8 +881,8 @@ def table(records: list[dict], memory: dict | None, legend: list[str] = ()) -> s
 
 
 # One colour and marker per method; methods not named here take the next unused pair.
-PLOT_STYLES = {"raw": ("tab:gray", "s"), "naive": ("tab:red", "v"), "kvlink": ("tab:blue", "o"),
-               "homogeneous": ("tab:gray", "s")}
+PLOT_STYLES = {"raw": ("tab:gray", "s"), "copy": ("tab:gray", "s"), "naive": ("tab:red", "v"),
+               "kvlink": ("tab:blue", "o"), "homogeneous": ("tab:gray", "s")}
 PLOT_SPARE_STYLES = [("tab:green", "*"), ("tab:purple", "D"), ("tab:orange", "^"), ("tab:brown", "P"),
                      ("tab:pink", "X"), ("tab:olive", "h"), ("tab:cyan", "<")]
 
@@ -888,6 +982,9 @@ def main(argv=None) -> int:
     if backend == "nccl" and torch.cuda.device_count() < 2:
         print("--backend nccl needs two visible GPUs", file=sys.stderr)
         return 2
+    if backend == "gpu" and not torch.cuda.is_available():
+        print("--backend gpu needs a visible GPU", file=sys.stderr)
+        return 2
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     if args.prefill_tp > 1 or args.decode_tp > 1:
         from kvlink import bench_tp
@@ -898,7 +995,7 @@ def main(argv=None) -> int:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     prefill_conn, decode_conn = ctx.Pipe()
-    device_desc = torch.cuda.get_device_name(0) if backend == "nccl" else "CPU"
+    device_desc = torch.cuda.get_device_name(0) if backend in ("nccl", "gpu") else "CPU"
     print(f"kvlink-bench: backend {backend} ({device_desc}), layout {args.layout}, {args.layers} layers x "
           f"{args.kv_heads} heads x {args.head_dim} {args.dtype}, {args.block_size}-token blocks", file=sys.stderr)
     procs = [ctx.Process(target=prefill_main, args=(args, backend, prefill_conn, results), name="prefill"),
@@ -931,9 +1028,10 @@ def main(argv=None) -> int:
         if proc.is_alive():
             proc.kill()
     descriptions = describe_methods(records, args)
+    base = baseline_method(records)
     print(table(records, memory, legend_lines(descriptions, records, (
-        "vs raw = GB/s over raw's GB/s for the same number of bytes; #wrong = received bytes that differ from the "
-        "sender's (every byte of every iteration is checked)",))), flush=True)
+        f"vs {base} = GB/s over {base}'s GB/s for the same number of bytes; #wrong = received bytes that differ from "
+        "the sender's (every byte of every iteration is checked)",))), flush=True)
     if args.json:
         write_json(args.json, args, device_desc, records, descriptions, memory=memory)
     if args.plot and records:

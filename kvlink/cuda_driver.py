@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 
 # CUstreamWaitValue_flags: CU_STREAM_WAIT_VALUE_GEQ waits until (int32)(*addr - value) >= 0, a
 # cyclic comparison, so counters may wrap.
@@ -42,6 +43,20 @@ def libcuda():
     #                         blockDimZ, unsigned int sharedMemBytes, CUstream hStream, void** kernelParams,
     #                         void** extra)
     lib.cuLaunchKernel.argtypes = [void_p, uint, uint, uint, uint, uint, uint, uint, void_p, void_p, void_p]
+    # CUresult cuEventCreate(CUevent* phEvent, unsigned int Flags)
+    lib.cuEventCreate.argtypes = [ctypes.POINTER(void_p), uint]
+    # CUresult cuEventRecord(CUevent hEvent, CUstream hStream)
+    lib.cuEventRecord.argtypes = [void_p, void_p]
+    # CUresult cuStreamWaitEvent(CUstream hStream, CUevent hEvent, unsigned int Flags)
+    lib.cuStreamWaitEvent.argtypes = [void_p, void_p, uint]
+    # CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dstDevice, CUdeviceptr srcDevice, size_t ByteCount, CUstream hStream)
+    lib.cuMemcpyDtoDAsync_v2.argtypes = [u64, u64, ctypes.c_size_t, void_p]
+    # CUresult cuCtxGetDevice(CUdevice* device); cuDeviceGet(CUdevice* device, int ordinal)
+    lib.cuCtxGetDevice.argtypes = [ctypes.POINTER(ctypes.c_int)]
+    lib.cuDeviceGet.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+    # CUresult cuDevicePrimaryCtxRetain(CUcontext* pctx, CUdevice dev); cuCtxSetCurrent(CUcontext ctx)
+    lib.cuDevicePrimaryCtxRetain.argtypes = [ctypes.POINTER(void_p), ctypes.c_int]
+    lib.cuCtxSetCurrent.argtypes = [void_p]
     return lib
 
 
@@ -76,23 +91,122 @@ def launch_kernel(function: int, grid: int, threads: int, args: tuple[int, ...],
     check(libcuda().cuLaunchKernel(function, grid, 1, 1, threads, 1, 1, 0, stream, pointers, None), "cuLaunchKernel")
 
 
+class ParamBuffer:
+    """A kernel's one by-value struct parameter, written in place (struct.pack_into, slice
+    assignment) and handed to cuLaunchKernel, which copies it at the call: so one buffer serves
+    every launch of its thread (:func:`param_buffer`), with no allocation per launch."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.buffer = ctypes.create_string_buffer(size)
+        self.view = memoryview(self.buffer).cast("B")
+        self.pointers = (ctypes.c_void_p * 1)(ctypes.addressof(self.buffer))  # kernelParams: one parameter
+
+
+_local = threading.local()
+
+
+def param_buffer(size: int) -> ParamBuffer:
+    """This thread's parameter buffer of ``size`` bytes (made on first use)."""
+    buffers = getattr(_local, "params", None)
+    if buffers is None:
+        buffers = _local.params = {}
+    buffer = buffers.get(size)
+    if buffer is None:
+        buffer = buffers[size] = ParamBuffer(size)
+    return buffer
+
+
+def launch_with_params(function: int, grid: int, threads: int, params: ParamBuffer, stream: int) -> None:
+    """cuLaunchKernel of a kernel whose one parameter is the struct in ``params`` (passed by value)."""
+    result = libcuda().cuLaunchKernel(function, grid, 1, 1, threads, 1, 1, 0, stream, params.pointers, None)
+    if result:
+        check(result, "cuLaunchKernel")
+
+
 def launch_kernel_with_struct(function: int, grid: int, threads: int, param: bytes, stream: int) -> None:
     """cuLaunchKernel of a kernel whose one parameter is a struct passed by value (``param``'s bytes).
 
     The driver copies the parameter at the call, so ``param`` may be dropped right after.
     """
-    buffer = ctypes.create_string_buffer(param, len(param))
-    pointers = (ctypes.c_void_p * 1)(ctypes.addressof(buffer))
-    check(libcuda().cuLaunchKernel(function, grid, 1, 1, threads, 1, 1, 0, stream, pointers, None), "cuLaunchKernel")
+    params = param_buffer(len(param))
+    params.view[:] = param
+    launch_with_params(function, grid, threads, params, stream)
+
+
+def ensure_context(device_index: int) -> None:
+    """Make sure a context of ``device_index`` is current on this thread, for the driver calls here.
+
+    A thread that has run no CUDA runtime call yet has none (torch's device guard skips
+    cudaSetDevice for the device it believes current): make the device's primary context (the
+    one torch and CuPy use) current. Checked once per thread and device.
+    """
+    checked = getattr(_local, "contexts", None)
+    if checked is None:
+        checked = _local.contexts = set()
+    if device_index in checked:
+        return
+    lib = libcuda()
+    ctx = ctypes.c_void_p()
+    check(lib.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
+    if not ctx.value:
+        device = ctypes.c_int()
+        check(lib.cuDeviceGet(ctypes.byref(device), device_index), f"cuDeviceGet({device_index})")
+        check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device.value), "cuDevicePrimaryCtxRetain")
+        check(lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+    current = ctypes.c_int()
+    check(lib.cuCtxGetDevice(ctypes.byref(current)), "cuCtxGetDevice")
+    if current.value != device_index:
+        raise CudaDriverError(f"the context current on this thread is GPU {current.value}'s, not GPU {device_index}'s")
+    checked.add(device_index)
+
+
+EVENT_DISABLE_TIMING = 0x2
+
+
+class RawEvent:
+    """A CUDA event made through the driver, for orderings between kvlink's own streams (staging
+    slots): record and wait are one driver call each, without torch's event wrapper. Made in the
+    context current on this thread (see :func:`ensure_context`); lives as long as the process."""
+
+    __slots__ = ("handle", "_record", "_wait")
+
+    def __init__(self):
+        lib = libcuda()
+        event = ctypes.c_void_p()
+        check(lib.cuEventCreate(ctypes.byref(event), EVENT_DISABLE_TIMING), "cuEventCreate")
+        self.handle = event.value
+        self._record, self._wait = lib.cuEventRecord, lib.cuStreamWaitEvent  # looked up once: called per chunk
+
+    def record(self, stream: int) -> None:
+        """Queue the event on ``stream`` (a CUstream handle): it fires after the stream's prior work."""
+        result = self._record(self.handle, stream)
+        if result:
+            check(result, "cuEventRecord")
+
+    def wait(self, stream: int) -> None:
+        """Make ``stream`` wait, on the GPU, for the event's last record queued so far."""
+        result = self._wait(stream, self.handle, 0)
+        if result:
+            check(result, "cuStreamWaitEvent")
+
+
+def memcpy_async(dst: int, src: int, nbytes: int, stream: int) -> None:
+    """Queue a device-to-device copy of ``nbytes`` on ``stream`` (any two device addresses)."""
+    result = libcuda().cuMemcpyDtoDAsync_v2(dst, src, nbytes, stream)
+    if result:
+        check(result, "cuMemcpyDtoDAsync")
 
 
 def stream_wait_value(stream: int, address: int, value: int) -> None:
     """Queue on ``stream``: wait until the int32 at ``address`` reaches ``value`` (cyclic >=)."""
-    check(libcuda().cuStreamWaitValue32_v2(stream, address, value & 0xFFFFFFFF, WAIT_VALUE_GEQ),
-          "cuStreamWaitValue32")
+    result = libcuda().cuStreamWaitValue32_v2(stream, address, value & 0xFFFFFFFF, WAIT_VALUE_GEQ)
+    if result:
+        check(result, "cuStreamWaitValue32")
 
 
 def stream_write_value(stream: int, address: int, value: int) -> None:
     """Queue on ``stream``: write ``value`` to the int32 at ``address`` after the stream's prior work."""
-    check(libcuda().cuStreamWriteValue32_v2(stream, address, value & 0xFFFFFFFF, WRITE_VALUE_DEFAULT),
-          "cuStreamWriteValue32")
+    result = libcuda().cuStreamWriteValue32_v2(stream, address, value & 0xFFFFFFFF, WRITE_VALUE_DEFAULT)
+    if result:
+        check(result, "cuStreamWriteValue32")

@@ -55,12 +55,14 @@ def _resolve_backend(layout: CacheLayout, backend: str) -> str:
 
 
 def _resolve_stream(layout: CacheLayout, stream):
+    """The stream given (checked), or None: the current stream of the cache's device, which the
+    kernels look up themselves (a torch.cuda.Stream object costs microseconds a call to build)."""
     if layout.device.type != "cuda":
         if stream is not None:
             raise InvalidArgument(f"stream given, but {layout.name} is on {layout.device}")
         return None
     if stream is None:
-        return torch.cuda.current_stream(layout.device.index)
+        return None
     if not isinstance(stream, torch.cuda.Stream):
         raise ArgumentTypeError(f"stream must be a torch.cuda.Stream, got {type(stream).__name__}")
     if stream.device.index != layout.device.index:
@@ -77,8 +79,9 @@ def _check_chunk(name: str, chunk, sel: Selection) -> None:
         raise InvalidArgument(f"{name} is on {chunk.device} but the cache ({sel.layout.name}) is on {sel.layout.device}")
     if chunk.dim() != 1 or not chunk.is_contiguous():
         raise InvalidArgument(f"{name} must be a contiguous 1-D byte tensor, got shape {tuple(chunk.shape)}")
-    if chunk.numel() < sel.chunk_bytes:
-        raise InvalidArgument(f"{name} holds {chunk.numel()} bytes but this chunk needs {sel.chunk_bytes}")
+    needed = sel.chunk_bytes
+    if chunk.numel() < needed:
+        raise InvalidArgument(f"{name} holds {chunk.numel()} bytes but this chunk needs {needed}")
 
 
 def prepare(layout: CacheLayout, stream: torch.cuda.Stream | None = None, *, backend: str = "auto") -> None:
@@ -91,7 +94,7 @@ def prepare(layout: CacheLayout, stream: torch.cuda.Stream | None = None, *, bac
     if not isinstance(layout, CacheLayout):
         raise ArgumentTypeError(f"layout must be a kvlink CacheLayout, got {type(layout).__name__}")
     if _resolve_backend(layout, backend) == "cuda":
-        kernels.prepare(layout, _resolve_stream(layout, stream))
+        kernels.prepare(layout, _resolve_stream(layout, stream) or torch.cuda.current_stream(layout.device.index))
 
 
 def pack(
@@ -132,10 +135,13 @@ def pack(
 
 
 def pack_selection(sel: Selection, chunk: torch.Tensor, stream, backend: str, max_ctas: int | None = None) -> ChunkHeader:
-    """pack() after validation: for callers (the endpoint) that validated the request once for all its chunks."""
+    """pack() after validation: for callers (the endpoint) that validated the request once for all its chunks.
+
+    ``stream``: a torch.cuda.Stream, or None for the current stream (of the cache's device).
+    """
     header = ChunkHeader.for_selection(sel)
     if backend == "cuda":
-        kernels.launch("pack", sel, chunk, stream, header.to_bytes(), max_ctas=max_ctas)
+        kernels.launch("pack", sel, chunk, stream, max_ctas=max_ctas)  # the header's bytes: the launch plan's
     elif stream is not None:
         with torch.cuda.stream(stream):
             reference.pack_reference(sel, chunk)
@@ -196,9 +202,7 @@ def unpack_selection(sel: Selection, chunk: torch.Tensor, stream, backend: str, 
     """unpack() after validation (see :func:`pack_selection`)."""
     layout = sel.layout
     if backend == "cuda":
-        header = ChunkHeader.for_selection(sel).to_bytes()
-        return kernels.launch("unpack", sel, chunk, stream, header, status=status, max_ctas=max_ctas,
-                              cache_scale=cache_scale)
+        return kernels.launch("unpack", sel, chunk, stream, status=status, max_ctas=max_ctas, cache_scale=cache_scale)
     if status is None:
         status = torch.zeros(1, dtype=torch.int32, device=layout.device)
     if stream is not None:

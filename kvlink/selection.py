@@ -10,7 +10,7 @@ destination's own blocks.
 
 from __future__ import annotations
 
-import dataclasses
+import array as array_module
 from dataclasses import dataclass
 from numbers import Integral
 
@@ -50,8 +50,11 @@ class Selection:
 
     def box(self, layers: tuple[int, int], tokens: tuple[int, int]) -> "Selection":
         """The same request restricted to a sub-box, without validating again (callers check the bounds)."""
-        return dataclasses.replace(self, layer_start=layers[0], layer_stop=layers[1],
-                                   token_start=tokens[0], token_stop=tokens[1])
+        # NOTE: a copy of the fields, not dataclasses.replace (which re-runs __init__: microseconds
+        # a chunk on the pipeline's per-chunk path)
+        fields = dict(self.__dict__, layer_start=layers[0], layer_stop=layers[1], token_start=tokens[0],
+                      token_stop=tokens[1])
+        return _from_fields(fields)
 
     @property
     def num_layers(self) -> int:
@@ -89,7 +92,9 @@ class Selection:
 
     @property
     def payload_bytes(self) -> int:
-        return self.num_planes * self.plane_bytes
+        # NOTE: written out, not num_planes * plane_bytes: every pack and unpack call reads it
+        return ((self.layer_stop - self.layer_start) * self.layout.num_kv * (self.token_stop - self.token_start)
+                * (self.head_stop - self.head_start) * self.wire_row_bytes)
 
     @property
     def cache_bytes(self) -> int:
@@ -139,16 +144,33 @@ def with_wire(sel: Selection, wire_dtype: str | None, *, role: str) -> Selection
     if layout.head_dim % 4:
         raise InvalidArgument(f"wire_dtype='fp8' needs head_dim divisible by 4 (aligned scales), {layout.name} has "
                          f"{layout.head_dim}")
-    return dataclasses.replace(sel, wire_fp8=True)
+    return _from_fields(dict(sel.__dict__, wire_fp8=True))
 
 
-def block_ids_to_numpy(block_ids, name: str = "block_ids") -> np.ndarray:
-    """Accept a list, tuple, numpy array or torch tensor of ints; return a 1-D int64 numpy array."""
-    if isinstance(block_ids, torch.Tensor):
+_TORCH_INTS = frozenset((torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8))
+# signed dtype -> the unsigned one of its size: viewed so, a negative id is larger than any block count
+_UNSIGNED = {np.dtype(t): np.dtype(u) for t, u in ((np.int8, np.uint8), (np.int16, np.uint16),
+                                                     (np.int32, np.uint32), (np.int64, np.uint64))}
+
+
+def _int_array(block_ids, name: str) -> np.ndarray:
+    """``block_ids`` as a 1-D numpy array of some integer dtype (a view where it can be); TypeError/ValueError
+    naming ``name`` for anything else."""
+    if type(block_ids) is np.ndarray:
+        array = block_ids
+    elif isinstance(block_ids, torch.Tensor):
+        if block_ids.dtype in _TORCH_INTS and block_ids.dim() == 1 and block_ids.is_cpu:
+            return block_ids.numpy()  # the common case, a view (an integer tensor cannot require grad)
         if block_ids.dtype.is_floating_point or block_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
             raise ArgumentTypeError(f"{name} must hold integers, got {block_ids.dtype}")
         array = block_ids.detach().to("cpu").numpy()
     else:
+        if type(block_ids) in (list, tuple) and block_ids and type(block_ids[0]) is not bool:
+            # NOTE: array.array takes ints only (a float or str raises) and is faster than np.asarray
+            try:
+                return np.frombuffer(array_module.array("q", block_ids), dtype=np.int64)
+            except (TypeError, OverflowError):
+                pass  # np.asarray below names what is wrong
         array = np.asarray(block_ids)
         if array.size == 0 and array.ndim == 1:
             return np.zeros(0, dtype=np.int64)
@@ -158,7 +180,59 @@ def block_ids_to_numpy(block_ids, name: str = "block_ids") -> np.ndarray:
         raise ArgumentTypeError(f"{name} must hold integers, got dtype {array.dtype}")
     if array.ndim != 1:
         raise InvalidArgument(f"{name} must be 1-D, got shape {array.shape}")
-    return array.astype(np.int64, copy=False)
+    return array
+
+
+def block_ids_to_numpy(block_ids, name: str = "block_ids") -> np.ndarray:
+    """Accept a list, tuple, numpy array or torch tensor of ints; return a 1-D int64 numpy array."""
+    return _int_array(block_ids, name).astype(np.int64, copy=False)
+
+
+def checked_block_ids(block_ids, num_blocks: int, *, name: str = "block_ids", where: str = "",
+                      distinct: bool = False) -> np.ndarray:
+    """``block_ids`` validated against a cache of ``num_blocks`` blocks: a new int32 array (the caller's
+    may change after the call). ValueError names the argument and the first bad entry: out of range
+    (``where`` ends that message), or, with ``distinct``, repeated.
+
+    NOTE: the checks are sized for the per-call budget (a few microseconds): one sort for the
+    distinct case (its ends are the minimum and the maximum), else one maximum over the ids seen
+    as unsigned (a negative one is then huge), and nothing kept beyond the int32 copy.
+    """
+    array = _int_array(block_ids, name)
+    count = array.shape[0]
+    if count == 0:
+        raise InvalidArgument(f"{name} is empty")
+    ordered = None
+    if count == 1:
+        bad = not 0 <= array[0] < num_blocks
+    elif distinct:
+        ordered = np.sort(array)
+        bad = ordered[0] < 0 or ordered[-1] >= num_blocks
+    else:
+        unsigned = _UNSIGNED.get(array.dtype)
+        if unsigned is not None:
+            bad = _MAXIMUM(array.view(unsigned)) >= num_blocks
+        else:  # unsigned already, or a byte order of its own
+            bad = _MAXIMUM(array) >= num_blocks or (array.dtype.kind == "i" and np.minimum.reduce(array) < 0)
+    if bad:
+        out = (array < 0) | (array >= num_blocks)
+        raise InvalidArgument(f"{name}[{int(np.argmax(out))}]={int(array[out][0])} is out of range "
+                              f"[0, {num_blocks}) {where}")
+    if ordered is not None and np.count_nonzero(ordered[1:] == ordered[:-1]):
+        repeats = ordered[1:] == ordered[:-1]
+        raise InvalidArgument(f"destination {name} repeat block {int(ordered[1:][repeats][0])}")
+    return array.astype(np.int32)
+
+
+_MAXIMUM = np.maximum.reduce
+
+
+def _from_fields(fields: dict) -> Selection:
+    """A Selection from its fields, already checked (no __init__: the frozen dataclass's costs a
+    microsecond a call)."""
+    sel = object.__new__(Selection)
+    sel.__dict__.update(fields)
+    return sel
 
 
 def select(
@@ -185,45 +259,26 @@ def select(
     """
     if not isinstance(layout, CacheLayout):
         raise ArgumentTypeError(f"layout must be a kvlink CacheLayout, got {type(layout).__name__}")
-    ids = block_ids_to_numpy(block_ids, ids_name)
-    if ids.size == 0:
-        raise InvalidArgument(f"{ids_name} is empty")
-    if ids.min() < 0 or ids.max() >= layout.num_blocks:
-        bad = (ids < 0) | (ids >= layout.num_blocks)
-        raise InvalidArgument(
-            f"{ids_name}[{int(np.argmax(bad))}]={int(ids[bad][0])} is out of range [0, {layout.num_blocks}) "
-            + (f"of {owner}" if owner else f"for {layout.name}")
-        )
-    if destination and ids.size > 1:
-        ordered = np.sort(ids)
-        repeats = ordered[1:] == ordered[:-1]
-        if repeats.any():
-            raise InvalidArgument(f"destination {ids_name} repeat block {int(ordered[1:][repeats][0])}")
+    ids = checked_block_ids(block_ids, layout.num_blocks, name=ids_name, distinct=destination,
+                            where=("of " + owner) if owner else ("for " + layout.name))
     if type(num_tokens) is not int and (isinstance(num_tokens, bool) or not isinstance(num_tokens, Integral)):
         raise ArgumentTypeError(f"num_tokens must be an int, got {type(num_tokens).__name__}")
     num_tokens = int(num_tokens)
-    capacity = ids.size * layout.block_size
+    count = ids.shape[0]
+    capacity = count * layout.block_size
     if num_tokens <= 0 or num_tokens > capacity:
         raise InvalidArgument(
-            f"num_tokens={num_tokens} does not fit {ids.size} blocks of {layout.block_size} tokens (at most {capacity})"
+            f"num_tokens={num_tokens} does not fit {count} blocks of {layout.block_size} tokens (at most {capacity})"
         )
     needed_blocks = -(-num_tokens // layout.block_size)
-    if needed_blocks != ids.size:
+    if needed_blocks != count:
         raise InvalidArgument(
-            f"num_tokens={num_tokens} fills {needed_blocks} blocks of {layout.block_size} but {ids.size} {ids_name.replace('_', ' ')} "
+            f"num_tokens={num_tokens} fills {needed_blocks} blocks of {layout.block_size} but {count} {ids_name.replace('_', ' ')} "
             "were given"
         )
-    layer_start, layer_stop = _as_range("layers", layers, layout.num_layers)
-    token_start, token_stop = _as_range("tokens", tokens, num_tokens)
-    head_start, head_stop = _as_range("heads", heads, layout.num_heads)
-    return Selection(
-        layout=layout,
-        block_ids=ids.astype(np.int32),
-        num_tokens=num_tokens,
-        layer_start=layer_start,
-        layer_stop=layer_stop,
-        token_start=token_start,
-        token_stop=token_stop,
-        head_start=head_start,
-        head_stop=head_stop,
-    )
+    layer_start, layer_stop = (0, layout.num_layers) if layers is None else _as_range("layers", layers, layout.num_layers)
+    token_start, token_stop = (0, num_tokens) if tokens is None else _as_range("tokens", tokens, num_tokens)
+    head_start, head_stop = (0, layout.num_heads) if heads is None else _as_range("heads", heads, layout.num_heads)
+    return _from_fields({"layout": layout, "block_ids": ids, "num_tokens": num_tokens, "layer_start": layer_start,
+                         "layer_stop": layer_stop, "token_start": token_start, "token_stop": token_stop,
+                         "head_start": head_start, "head_stop": head_stop, "wire_fp8": False})

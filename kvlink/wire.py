@@ -50,7 +50,7 @@ import torch
 
 from kvlink.errors import ChunkError  # noqa: F401  (kvlink.wire.ChunkError, as before)
 from kvlink.layout import DTYPE_CODES, DTYPES_BY_CODE, layout_fingerprint
-from kvlink.selection import HEADER_BYTES, Selection
+from kvlink.selection import HEADER_BYTES, Selection, wire_row_bytes
 
 MAGIC = b"KVLK"
 WIRE_VERSION = 1
@@ -88,26 +88,16 @@ class ChunkHeader:
 
     @classmethod
     def for_selection(cls, sel: Selection) -> "ChunkHeader":
-        layout = sel.layout
-        dtype, fingerprint, flags = layout.dtype, layout.fingerprint, 0
-        if sel.wire_fp8:  # the chunk's rows are e4m3 whatever the caches hold
-            dtype, flags = torch.float8_e4m3fn, FLAG_FP8_SCALED
-            fingerprint = layout_fingerprint(layout.num_layers, layout.num_kv, layout.head_dim, dtype)
-        return cls(
-            dtype_code=DTYPE_CODES[dtype],
-            num_kv=layout.num_kv,
-            layer_start=sel.layer_start,
-            layer_stop=sel.layer_stop,
-            token_start=sel.token_start,
-            token_stop=sel.token_stop,
-            head_start=sel.head_start,
-            head_stop=sel.head_stop,
-            head_dim=layout.head_dim,
-            element_bytes=1 if sel.wire_fp8 else layout.element_size,
-            payload_bytes=sel.payload_bytes,
-            fingerprint=bytes.fromhex(fingerprint)[:8],
-            flags=flags,
-        )
+        code, num_kv, flags, head_dim, element_bytes, fingerprint, row_bytes = _chunk_facts(sel.layout, sel.wire_fp8)
+        # NOTE: fields set directly, not through the frozen dataclass's __init__ (every pack() returns one)
+        header = object.__new__(cls)
+        header.__dict__.update(
+            dtype_code=code, num_kv=num_kv, layer_start=sel.layer_start, layer_stop=sel.layer_stop,
+            token_start=sel.token_start, token_stop=sel.token_stop, head_start=sel.head_start,
+            head_stop=sel.head_stop, head_dim=head_dim, element_bytes=element_bytes,
+            payload_bytes=_payload_bytes(sel, num_kv, row_bytes), fingerprint=fingerprint, flags=flags,
+            version=WIRE_VERSION)
+        return header
 
     def to_bytes(self) -> bytes:
         return _FORMAT.pack(
@@ -155,6 +145,37 @@ class ChunkHeader:
                     got, want = DTYPES_BY_CODE.get(got, got), DTYPES_BY_CODE.get(want, want)
                     name = "dtype"
                 raise ValueError(f"received chunk does not match the destination: {name} is {got}, expected {want}")
+
+
+def _chunk_facts(layout, wire_fp8: bool) -> tuple:
+    """What every chunk of ``layout`` (sent as fp8 or not) has in its header: (dtype code, num_kv,
+    flags, head_dim, element bytes, the fingerprint's 8 bytes, payload bytes of one row); computed
+    once per layout (stored out of band: the layout is a frozen dataclass)."""
+    key = "_chunk_facts_fp8" if wire_fp8 else "_chunk_facts"
+    facts = layout.__dict__.get(key)
+    if facts is None:
+        dtype, fingerprint, flags = layout.dtype, layout.fingerprint, 0
+        if wire_fp8:  # the chunk's rows are e4m3 whatever the caches hold
+            dtype, flags = torch.float8_e4m3fn, FLAG_FP8_SCALED
+            fingerprint = layout_fingerprint(layout.num_layers, layout.num_kv, layout.head_dim, dtype)
+        facts = (DTYPE_CODES[dtype], layout.num_kv, flags, layout.head_dim, 1 if wire_fp8 else layout.element_size,
+                 bytes.fromhex(fingerprint)[:8], wire_row_bytes(layout.head_dim, layout.element_size, wire_fp8))
+        object.__setattr__(layout, key, facts)
+    return facts
+
+
+def _payload_bytes(sel: Selection, num_kv: int, row_bytes: int) -> int:
+    return ((sel.layer_stop - sel.layer_start) * num_kv * (sel.token_stop - sel.token_start)
+            * (sel.head_stop - sel.head_start) * row_bytes)
+
+
+def header_bytes(sel: Selection) -> bytes:
+    """``ChunkHeader.for_selection(sel).to_bytes()``, without building the header object (the
+    kernels' per-launch path)."""
+    code, num_kv, flags, head_dim, element_bytes, fingerprint, row_bytes = _chunk_facts(sel.layout, sel.wire_fp8)
+    return _FORMAT.pack(MAGIC, WIRE_VERSION, HEADER_BYTES, code, num_kv, flags, sel.layer_start, sel.layer_stop,
+                        sel.token_start, sel.token_stop, sel.head_start, sel.head_stop, head_dim, element_bytes,
+                        _payload_bytes(sel, num_kv, row_bytes), fingerprint, 0)
 
 
 def check_status(status) -> None:

@@ -91,7 +91,8 @@ def _launcher_choices() -> set[str]:
             sel = select(layout, [0, 1], 8)
             for kind in ("pack", "unpack"):
                 for chunk_ptr in chunk_ptrs:
-                    chosen.add(kernels._launch_plan(kind, sel, chunk_ptr, kind == "unpack")[0])
+                    for inline in (False, True):  # metadata uploaded, or the launch's parameter
+                        chosen.add(kernels._launch_plan(kind, sel, chunk_ptr, kind == "unpack", inline=inline)[0])
             vec = kernels._copy_geometry(sel, sel)[2]
             chosen.update(kernels._copy_kernel(vec, inline) for inline in (True, False))
     for kind, role, dtypes in (("pack", "source", FP8_SOURCE_DTYPES), ("unpack", "destination", FP8_DESTINATION_DTYPES)):

@@ -112,6 +112,10 @@ class Transport:
     def link_info(self, link) -> dict:
         return {"nccl_bytes": 0, "staging_bytes": 0}
 
+    def counters(self) -> dict:
+        """This transport's running totals for Endpoint.stats() (none by default)."""
+        return {}
+
     # ------------------------------------------------------------------ decode side
     def prepare_pull(self, link, req: PullRequest):
         """Caller's thread: validate the source side; what start_pull needs (raise to refuse)."""

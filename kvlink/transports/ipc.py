@@ -41,6 +41,7 @@ class DecodeLink:
     peer_memory: ipc.PeerMemory
     stream: torch.cuda.Stream        # plain pulls' copies
     layer_stream: torch.cuda.Stream  # layer-wise pulls' copies (they may wait on the GPU)
+    owner: str | None = None  # how errors name the peer's cache (made at the first pull)
     # pulls on each stream in the order queued: one completes only after those before it
     plain: collections.deque = field(default_factory=collections.deque)
     layered: collections.deque = field(default_factory=collections.deque)
@@ -157,9 +158,11 @@ class IpcTransport(Transport):
         # NOTE: validated against the peer cache as mapped (fixed since the handshake), not the
         # link's description: a block id past the mapping is an illegal address on the GPU,
         # which would poison this process's CUDA context.
-        dst = req.dst_sel
-        src_sel = select(link.state.peer_layout, req.src_blocks, dst.num_tokens, layers=(dst.layer_start, dst.layer_stop),
-                         heads=req.src_heads, ids_name="src_blocks", owner=f"{link.name}'s cache")
+        dst, state = req.dst_sel, link.state
+        if state.owner is None:
+            state.owner = f"{link.name}'s cache"
+        src_sel = select(state.peer_layout, req.src_blocks, dst.num_tokens, layers=(dst.layer_start, dst.layer_stop),
+                         heads=req.src_heads, ids_name="src_blocks", owner=state.owner)
         return IpcPull(req, src_sel)
 
     def start_pull(self, link, handle, op) -> None:
@@ -170,7 +173,8 @@ class IpcTransport(Transport):
         started = time.perf_counter()
         stamps = handle.stats.host_stamps
         stamps["called"], stamps["validated"] = req.called, started
-        handle.stats.payload_bytes = handle.stats.wire_bytes = dst_sel.payload_bytes
+        stats = handle.stats
+        stats.payload_bytes = stats.wire_bytes = dst_sel.payload_bytes
         layer_events = {}
         with self._launch_lock, _on_device(self.ctx.device_index):
             stamps["locked"] = time.perf_counter()

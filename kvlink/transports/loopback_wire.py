@@ -8,12 +8,19 @@ crossing differs. Never picked by ``transport="auto"``.
 A pair of NCCL send/recv calls completes for both sides at once: the receiver's stream moves
 past its recv only when the bytes have arrived, and the sender's past its send only when they
 have left. Either side may post first (kvlink's decode side posts its receives before the
-prefill side sends). The stand-in keeps exactly that ordering: each call records an event on
-its caller's stream (its prior work: the sender's chunk packed, the receiver's slot free), then
-makes that stream wait, on the GPU (cuStreamWaitValue32), for a flag of its own direction to
-reach the call's sequence number. The k-th send and the k-th recv are matched (NCCL matches a
-peer's sends and receives in order) by whichever call comes second: on a copy stream, it waits
-for both events, copies the bytes, and writes both flags, releasing both streams. ``abort()``
+prefill side sends). The stand-in keeps exactly that ordering with three int32 flags on the GPU
+and stream memory operations (cuStreamWaitValue32 / cuStreamWriteValue32), so a call costs two
+or three driver calls and no event. The k-th send and the k-th recv are matched (NCCL matches a
+peer's sends and receives in order):
+
+    first of the pair, on its stream:   write posted[its side] = k    (its prior work is done:
+                                                                       data packed / slot free)
+                                        wait  done >= k
+    second of the pair, on its stream:  wait  posted[other side] >= k
+                                        copy the bytes (its own prior work is done: stream order)
+                                        write done = k
+
+``done`` only grows: the copy of pair k+1 comes after both streams passed pair k. ``abort()``
 writes every flag to its last posted number, so no stream waits forever on a side that is gone.
 """
 
@@ -66,6 +73,9 @@ def end(wire_id: bytes, rank: int) -> "LoopbackEnd":
     return LoopbackEnd(pair, rank)
 
 
+SENDS, RECVS, DONE = 0, 1, 2  # the flags: sends posted, receives posted, pairs copied
+
+
 class LoopbackPair:
     """Both ends' state: posted, unmatched calls per direction, and the flags the streams wait on."""
 
@@ -76,11 +86,11 @@ class LoopbackPair:
         self.lock = threading.Lock()
         side = torch.cuda.Stream(device)
         with torch.cuda.stream(side):
-            self.flags = torch.zeros(2, dtype=torch.int32, device=device)  # [0] sends done, [1] receives done
+            self.flags = torch.zeros(3, dtype=torch.int32, device=device)
         side.synchronize()  # zeroed before any stream waits on it
-        self.copy_stream = torch.cuda.Stream(device)
+        self.addresses = [self.flags.data_ptr() + 4 * which for which in (SENDS, RECVS, DONE)]
         self.posted = [0, 0]  # calls posted per direction (0: send, 1: recv)
-        self.waiting = (collections.deque(), collections.deque())  # (ptr, nbytes, event, number) per direction
+        self.waiting = (collections.deque(), collections.deque())  # (ptr, nbytes, number) per direction
         self.aborted = False
 
     def post(self, direction: int, ptr: int, nbytes: int, stream: torch.cuda.Stream) -> None:
@@ -89,33 +99,24 @@ class LoopbackPair:
                 raise RuntimeError("loopback wire aborted")
             self.posted[direction] += 1
             number = self.posted[direction]
-            prior = torch.cuda.Event()
-            prior.record(stream)  # what this side did before the call (data packed / slot free)
-            cuda_driver.stream_wait_value(stream.cuda_stream, self._flag(direction), number)
-            self.waiting[direction].append((ptr, nbytes, prior, number))
-            sends, recvs = self.waiting
-            while sends and recvs:
-                self._copy(sends.popleft(), recvs.popleft())
-
-    def _flag(self, direction: int) -> int:
-        return self.flags.data_ptr() + 4 * direction
-
-    def _copy(self, send, recv) -> None:
-        import cupy
-
-        (src, send_bytes, send_prior, number), (dst, recv_bytes, recv_prior, recv_number) = send, recv
-        assert number == recv_number  # matched in order
-        if send_bytes != recv_bytes:
-            STATS["size_mismatches"] += 1
-        stream = self.copy_stream
-        stream.wait_event(send_prior)
-        stream.wait_event(recv_prior)
-        nbytes = min(send_bytes, recv_bytes)
-        with cupy.cuda.Device(self.device_index):
-            cupy.cuda.runtime.memcpyAsync(dst, src, nbytes, cupy.cuda.runtime.memcpyDeviceToDevice, stream.cuda_stream)
-        STATS["copied_bytes"] += nbytes
-        for direction in (1, 0):  # the bytes are in (receiver), then they are out (sender)
-            cuda_driver.stream_write_value(stream.cuda_stream, self._flag(direction), number)
+            other = self.waiting[1 - direction]
+            handle = stream.cuda_stream
+            cuda_driver.ensure_context(self.device_index)
+            if not other:  # first of its pair: say our prior work is done, wait for the copy
+                self.waiting[direction].append((ptr, nbytes, number))
+                cuda_driver.stream_write_value(handle, self.addresses[direction], number)
+                cuda_driver.stream_wait_value(handle, self.addresses[DONE], number)
+                return
+            other_ptr, other_bytes, other_number = other.popleft()
+            assert other_number == number  # matched in order
+            if nbytes != other_bytes:
+                STATS["size_mismatches"] += 1
+            src, dst = (ptr, other_ptr) if direction == SENDS else (other_ptr, ptr)
+            copied = min(nbytes, other_bytes)
+            cuda_driver.stream_wait_value(handle, self.addresses[1 - direction], number)  # the other side's prior work
+            cuda_driver.memcpy_async(dst, src, copied, handle)
+            cuda_driver.stream_write_value(handle, self.addresses[DONE], number)  # releases the other side
+            STATS["copied_bytes"] += copied
 
     def abort(self) -> None:
         with self.lock:
@@ -123,9 +124,12 @@ class LoopbackPair:
                 return
             self.aborted = True
             release = torch.cuda.Stream(torch.device("cuda", self.device_index))
-            for direction in (0, 1):  # every stream still waiting on a call moves on (its data is lost)
-                cuda_driver.stream_write_value(release.cuda_stream, self._flag(direction), self.posted[direction])
-                self.waiting[direction].clear()
+            # every stream still waiting on a call moves on (its data is lost)
+            cuda_driver.ensure_context(self.device_index)
+            for which, value in ((SENDS, self.posted[0]), (RECVS, self.posted[1]), (DONE, max(self.posted))):
+                cuda_driver.stream_write_value(release.cuda_stream, self.addresses[which], value)
+            for waiting in self.waiting:
+                waiting.clear()
 
 
 class LoopbackEnd:

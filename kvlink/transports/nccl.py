@@ -7,9 +7,12 @@ Per chunk of the request's plan (kvlink.plan)::
     decode:  link stream:   wait(slot free) -> wire.recv(slot) -> record(slot ready)
              unpack stream: wait(slot ready) [-> checksum check] -> unpack(chunk i) -> record(slot free)
 
-Every ordering is a CUDA event between streams; the host never waits for the GPU. Slots come
-from a staging pool allocated once per endpoint (``num_slots`` of ``chunk_bytes``), so chunk
-i+1 packs while chunk i is on the wire and chunk i-1 unpacks. The decode side posts every
+Every ordering is a CUDA event between streams (the slots' events are driver events: one call a
+record or a wait); the host never waits for the GPU. Slots come from a staging pool allocated
+once per endpoint (``num_slots`` of ``chunk_bytes``), so chunk i+1 packs while chunk i is on the
+wire and chunk i-1 unpacks. Each side enqueues a pull in one pass: what its chunks share (the
+request's block ids, in a kernels.BoxLauncher, and the status word) is made once, and a chunk
+adds its events, its wire call and one launch of the pack or unpack kernel with the box's plan. The decode side posts every
 receive of a pull at once, in the order its PULL goes out; the prefill side serves the pulls of
 a link in arrival order, so the sends match them. A pull the prefill side refuses or stops
 keeps its chunk stream in step: it sends empty chunks (no magic word), which the unpack
@@ -25,17 +28,19 @@ pair replaced by a device copy ordered exactly as NCCL orders them.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
-from kvlink import nccl
+from kvlink import cuda_driver, kernels, nccl
 from kvlink.errors import TransferRefused
 from kvlink.handle import WAIT
+from kvlink.kernels import _on_device
 from kvlink.pack import pack_selection, prepare, unpack_selection
 from kvlink.plan import Box, box_payload_bytes
 from kvlink.selection import HEADER_BYTES
@@ -44,10 +49,55 @@ from kvlink.transports import loopback_wire
 from kvlink.transports.base import ChunkedTransport, TransportUnavailable
 from kvlink.wire import CHECKSUM_OFFSET, STATUS_OK, payload_checksum_torch
 
+log = logging.getLogger("kvlink")
+
 
 def _as_int32(value: torch.Tensor) -> torch.Tensor:
     """A value in [0, 2**32) as the int32 with the same bits."""
     return (value - (value >= 2**31).to(value.dtype) * 2**32).to(torch.int32)
+
+
+class _TorchSlotEvent:
+    """A slot's event through torch: where the driver's own event calls are not to be had."""
+
+    __slots__ = ("event",)
+
+    def __init__(self):
+        self.event = torch.cuda.Event()
+
+    def record(self, stream: torch.cuda.Stream) -> None:
+        self.event.record(stream)
+
+    def wait(self, stream: torch.cuda.Stream) -> None:
+        stream.wait_event(self.event)
+
+
+class _DriverSlotEvent(cuda_driver.RawEvent):
+    """A slot's event as a driver event: one driver call a record or a wait, no torch wrapper
+    (four of them a chunk on each side)."""
+
+    __slots__ = ()
+
+    def record(self, stream: torch.cuda.Stream) -> None:
+        result = self._record(self.handle, stream.cuda_stream)
+        if result:
+            cuda_driver.check(result, "cuEventRecord")
+
+    def wait(self, stream: torch.cuda.Stream) -> None:
+        result = self._wait(stream.cuda_stream, self.handle, 0)
+        if result:
+            cuda_driver.check(result, "cuStreamWaitEvent")
+
+
+def _slot_events(device_index: int, count: int) -> list:
+    """``count`` events for staging slots: driver events, or torch's where the driver refuses them."""
+    try:
+        with _on_device(device_index):
+            cuda_driver.ensure_context(device_index)
+            return [_DriverSlotEvent() for _ in range(count)]
+    except cuda_driver.CudaDriverError as exc:
+        log.warning("kvlink: staging slots use torch events (driver events unavailable: %s)", exc)
+        return [_TorchSlotEvent() for _ in range(count)]
 
 
 @dataclass
@@ -55,9 +105,12 @@ class _Slot:
     """A staging buffer and its two events, reused for every chunk (re-recording is safe: a stream
     waits on the record that was current when the wait was queued)."""
     buffer: torch.Tensor
-    free: torch.cuda.Event = field(default_factory=torch.cuda.Event)   # after the last read of the buffer
-    ready: torch.cuda.Event = field(default_factory=torch.cuda.Event)  # after the chunk was written into it
+    free: object   # after the last read of the buffer
+    ready: object  # after the chunk was written into it
     used: bool = False
+
+    def __post_init__(self):
+        self.address = self.buffer.data_ptr()
 
 
 @dataclass
@@ -65,6 +118,13 @@ class NcclLink:
     wire_id: bytes
     stream: torch.cuda.Stream | None = None  # the link's sends or receives
     wire: object = None  # set once the communicator (or the stand-in) is up
+
+
+@dataclass
+class _ServePlan:
+    """What a serve's chunks share, made once at its first chunk."""
+    launcher: object  # kernels.BoxLauncher, or None (the torch backend)
+    token_layer_bytes: int
 
 
 class NcclTransport(ChunkedTransport):
@@ -78,6 +138,8 @@ class NcclTransport(ChunkedTransport):
         self._slot_cursor = 0
         self._slot_lock = threading.Lock()
         self._pack_stream = self._unpack_stream = None
+        self._counters = {f"{side}_{what}": 0 if what == "chunks" else 0.0 for side in ("decode", "prefill")
+                          for what in ("chunks", "seconds", "wire_seconds")}
         if ctx.on_gpu:
             self._pack_stream = torch.cuda.Stream(self.layout.device)
             self._unpack_stream = torch.cuda.Stream(self.layout.device)
@@ -143,8 +205,22 @@ class NcclTransport(ChunkedTransport):
     def _ensure_slots(self, chunk_bytes: int) -> None:
         with self._slot_lock:
             if not self._slots:
+                events = _slot_events(self.ctx.device_index, 2 * self.config.num_slots)
                 self._slots = [_Slot(torch.empty(chunk_bytes + HEADER_BYTES, dtype=torch.uint8,
-                                                 device=self.layout.device)) for _ in range(self.config.num_slots)]
+                                                 device=self.layout.device), events[2 * i], events[2 * i + 1])
+                               for i in range(self.config.num_slots)]
+
+    def counters(self) -> dict:
+        """Host time of this endpoint's pipeline so far, per side: chunks queued, the seconds spent
+        queueing them (the wire calls included) and the seconds of those in the wire's send/recv
+        (none on a CPU cache, which never runs the pipeline)."""
+        return dict(self._counters) if self.ctx.on_gpu else {}
+
+    def _count(self, side: str, chunks: int, seconds: float, wire_seconds: float) -> None:
+        counters = self._counters
+        counters[f"{side}_chunks"] += chunks
+        counters[f"{side}_seconds"] += seconds
+        counters[f"{side}_wire_seconds"] += wire_seconds
 
     def _next_slot(self) -> _Slot:
         slot = self._slots[self._slot_cursor % len(self._slots)]
@@ -153,7 +229,12 @@ class NcclTransport(ChunkedTransport):
 
     # ------------------------------------------------------------------ decode side
     def receive(self, link, handle, op) -> None:
-        """Post every receive of the pull, with the unpack of each chunk behind it."""
+        """Post every receive of the pull, with the unpack of each chunk behind it, in one pass.
+
+        What the chunks share is made once: the status word, the unpack launcher holding the
+        request's block ids (kernels.BoxLauncher); a chunk adds its receive, two slot events, its
+        launch (Geometry and header only) and the slot's release.
+        """
         started = time.perf_counter()
         dst_sel, boxes = op.req.dst_sel, op.boxes
         stream, unpack_stream, wire = link.state.stream, self._unpack_stream, link.state.wire
@@ -161,31 +242,36 @@ class NcclTransport(ChunkedTransport):
             unpack_stream.wait_event(op.req.after)  # pull(stream=): no write before the caller's work
         with torch.cuda.stream(unpack_stream):  # zeroed on the stream that later reads it
             status = torch.zeros(1, dtype=torch.int32, device=self.layout.device)
+        launcher = kernels.BoxLauncher("unpack", dst_sel, status_ptr=status.data_ptr(), max_ctas=self.config.max_ctas) \
+            if self.ctx.backend == "cuda" else None
+        unpack_handle = unpack_stream.cuda_stream
+        token_layer_bytes, num_tokens = dst_sel.token_layer_bytes, dst_sel.num_tokens
         checksum_bad = None
         layer_events = {}
-        for box in boxes:
-            nbytes = HEADER_BYTES + box_payload_bytes(box, dst_sel.token_layer_bytes)
-            slot = self._next_slot()
-            if slot.used:
-                stream.wait_event(slot.free)
-            wire.recv(slot.buffer.data_ptr(), nbytes, stream)
-            slot.ready.record(stream)
-            unpack_stream.wait_event(slot.ready)
-            if self.config.checksum:
-                with torch.cuda.stream(unpack_stream):
-                    # a chunk that fails its checksum loses its magic word, so the unpack refuses it whole
-                    bad = _as_int32(payload_checksum_torch(slot.buffer[HEADER_BYTES:nbytes])) != \
-                        slot.buffer[CHECKSUM_OFFSET:HEADER_BYTES].view(torch.int32)
-                    slot.buffer[:4].view(torch.int32).bitwise_xor_(bad.to(torch.int32) * 0x55555555)
-                    checksum_bad = bad if checksum_bad is None else checksum_bad | bad
-            unpack_selection(dst_sel.box(box[:2], box[2:]), slot.buffer[:nbytes], unpack_stream, self.ctx.backend,
-                             self.config.max_ctas, status, cache_scale=self.config.cache_scale)
-            slot.free.record(unpack_stream)
-            slot.used = True
-            if handle.layerwise and box[3] == dst_sel.num_tokens:
-                for layer in range(box[0], box[1]):
-                    layer_events[layer] = event = torch.cuda.Event()
-                    event.record(unpack_stream)
+        wire_seconds = 0.0
+        with _on_device(self.ctx.device_index):
+            for box in boxes:
+                nbytes = HEADER_BYTES + box_payload_bytes(box, token_layer_bytes)
+                slot = self._next_slot()
+                if slot.used:
+                    slot.free.wait(stream)
+                posted = time.perf_counter()
+                wire.recv(slot.address, nbytes, stream)
+                wire_seconds += time.perf_counter() - posted
+                slot.ready.record(stream)
+                slot.ready.wait(unpack_stream)
+                if self.config.checksum:
+                    checksum_bad = self._check_checksum(slot, nbytes, unpack_stream, checksum_bad)
+                if launcher is None or not launcher.launch(box, slot.address, unpack_handle):
+                    unpack_selection(dst_sel.box(box[:2], box[2:]), slot.buffer[:nbytes], unpack_stream,
+                                     self.ctx.backend, self.config.max_ctas, status,
+                                     cache_scale=self.config.cache_scale)
+                slot.free.record(unpack_stream)
+                slot.used = True
+                if handle.layerwise and box[3] == num_tokens:
+                    for layer in range(box[0], box[1]):
+                        layer_events[layer] = event = torch.cuda.Event()
+                        event.record(unpack_stream)
         with torch.cuda.stream(unpack_stream):
             status_host = torch.empty(2 if checksum_bad is not None else 1, dtype=torch.int32, pin_memory=True)
             status_host[:1].copy_(status, non_blocking=True)
@@ -193,8 +279,20 @@ class NcclTransport(ChunkedTransport):
                 status_host[1:].copy_(checksum_bad.to(torch.int32).reshape(1), non_blocking=True)
         done = torch.cuda.Event()
         done.record(unpack_stream)
-        handle.stats.enqueue_seconds = time.perf_counter() - started
+        enqueue = time.perf_counter() - started
+        handle.stats.enqueue_seconds = enqueue
+        self._count("decode", len(boxes), enqueue, wire_seconds)
         handle._gpu_work(done, layer_events, partial(_verdict, status_host))
+
+    @staticmethod
+    def _check_checksum(slot, nbytes: int, stream, checksum_bad):
+        """Queue the check of a received chunk's payload checksum: a chunk that fails loses its
+        magic word, so the unpack refuses it whole; the failures so far, as a device flag."""
+        with torch.cuda.stream(stream):  # every step on the unpack stream, the flags' OR included
+            bad = _as_int32(payload_checksum_torch(slot.buffer[HEADER_BYTES:nbytes])) != \
+                slot.buffer[CHECKSUM_OFFSET:HEADER_BYTES].view(torch.int32)
+            slot.buffer[:4].view(torch.int32).bitwise_xor_(bad.to(torch.int32) * 0x55555555)
+            return bad if checksum_bad is None else checksum_bad | bad
 
     def poll(self, link) -> None:
         # NOTE: a link's pulls unpack in issue order on one stream: the first one not done holds
@@ -206,28 +304,46 @@ class NcclTransport(ChunkedTransport):
 
     # ------------------------------------------------------------------ prefill side
     def serve(self, link, serve: Serve, ready: dict) -> str:
-        while serve.next_chunk < len(serve.boxes):
-            box = serve.boxes[serve.next_chunk]
-            if self.waits_for_layers(serve, box, ready):
-                return WAITING
-            started = time.perf_counter()
-            self._send_chunk(link, serve, box, ready)
-            serve.enqueue_seconds += time.perf_counter() - started
-            serve.next_chunk += 1
+        plan = serve.state
+        if plan is None and serve.refused is None:
+            # what the serve's chunks share: the pack launcher holding the request's block ids
+            launcher = kernels.BoxLauncher("pack", serve.sel, max_ctas=self.config.max_ctas) \
+                if self.ctx.backend == "cuda" else None
+            plan = serve.state = _ServePlan(launcher, serve.sel.token_layer_bytes)
+        chunks, host_seconds, wire_seconds = 0, 0.0, 0.0
+        try:
+            with _on_device(self.ctx.device_index):
+                while serve.next_chunk < len(serve.boxes):
+                    box = serve.boxes[serve.next_chunk]
+                    if self.waits_for_layers(serve, box, ready):
+                        return WAITING
+                    started = time.perf_counter()
+                    wire_seconds += self._send_chunk(link, serve, box, ready, plan)
+                    seconds = time.perf_counter() - started
+                    serve.enqueue_seconds += seconds
+                    host_seconds += seconds
+                    chunks += 1
+                    serve.next_chunk += 1
+        finally:
+            self._count("prefill", chunks, host_seconds, wire_seconds)
         return DONE
 
-    def _send_chunk(self, link, serve: Serve, box: Box, ready: dict) -> None:
-        """Pack ``box`` into the next slot and send it (a refused pull's chunk: empty, no magic)."""
+    def _send_chunk(self, link, serve: Serve, box: Box, ready: dict, plan: _ServePlan | None) -> float:
+        """Pack ``box`` into the next slot and send it (a refused pull's chunk: empty, no magic);
+        the seconds spent in the wire's send."""
         slot = self._next_slot()
-        stream = self._pack_stream
+        stream, link_stream = self._pack_stream, link.state.stream
         if slot.used:
-            stream.wait_event(slot.free)
+            slot.free.wait(stream)
         if serve.refused is None:
-            nbytes = HEADER_BYTES + box_payload_bytes(box, serve.sel.token_layer_bytes)
-            for layer in range(box[0], box[1]):
-                if ready.get(layer) is not None:
-                    stream.wait_event(ready[layer])
-            pack_selection(serve.sel.box(box[:2], box[2:]), slot.buffer, stream, self.ctx.backend, self.config.max_ctas)
+            nbytes = HEADER_BYTES + box_payload_bytes(box, plan.token_layer_bytes)
+            if ready:
+                for layer in range(box[0], box[1]):
+                    if ready.get(layer) is not None:
+                        stream.wait_event(ready[layer])
+            if plan.launcher is None or not plan.launcher.launch(box, slot.address, stream.cuda_stream):
+                pack_selection(serve.sel.box(box[:2], box[2:]), slot.buffer, stream, self.ctx.backend,
+                               self.config.max_ctas)
             if serve.checksum:
                 with torch.cuda.stream(stream):
                     sent = payload_checksum_torch(slot.buffer[HEADER_BYTES:nbytes])
@@ -237,10 +353,13 @@ class NcclTransport(ChunkedTransport):
             with torch.cuda.stream(stream):
                 slot.buffer[:HEADER_BYTES].fill_(0)  # no magic: the receiver refuses it and writes nothing
         slot.ready.record(stream)
-        link.state.stream.wait_event(slot.ready)
-        link.state.wire.send(slot.buffer.data_ptr(), nbytes, link.state.stream)
-        slot.free.record(link.state.stream)
+        slot.ready.wait(link_stream)
+        posted = time.perf_counter()
+        link.state.wire.send(slot.address, nbytes, link_stream)
+        wire_seconds = time.perf_counter() - posted
+        slot.free.record(link_stream)
         slot.used = True
+        return wire_seconds
 
     def serve_failed(self, link, serve: Serve, exc: Exception) -> None:
         # the chunk stream is out of step with the receiver's: nothing later on this link can match
