@@ -539,6 +539,16 @@ def main(argv=None) -> int:
              "C": ("C ipc pull, two processes on one GPU", lambda: part_c(report, args, src, dst)),
              "D": ("D host-transport pull, CPU caches", lambda: part_d(report, args)),
              "E": ("E NCCL pipeline on the stand-in wire", lambda: part_e(report, args, src, dst))}
+
+    def write_json() -> None:  # after every part: a run cut short still leaves what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": device_name, "torch": torch.__version__,
+                           "inline_launches": kernels.inline_launch_state(), "shape": {**SHAPE, "dtype": "bfloat16"},
+                           "calls": args.calls, "warmup": args.warmup, "figures": list(report.rows.values()),
+                           "targets": report.targets(), "wrong_bytes": report.wrong_bytes, "failed": report.failed},
+                          f, indent=2)
+
     for key in args.parts:
         title, run = parts[key]
         print(f"{title}:", flush=True)
@@ -548,6 +558,7 @@ def main(argv=None) -> int:
         except Exception as exc:  # every part reports and the run goes on
             report.fail(title, exc)
         print(f"  ({time.monotonic() - t0:.1f} s)", flush=True)
+        write_json()
     targets = report.targets()
     print("targets (the issue's, for the lent H200 host; medians):")
     for t in targets:
@@ -557,12 +568,6 @@ def main(argv=None) -> int:
           "python -m kvlink.bench on this GPU, its 'vs copy' column)")
     print(f"wrong bytes: {report.wrong_bytes}; parts failed: {len(report.failed)}; "
           f"{time.monotonic() - started:.0f} s in all", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device_name, "torch": torch.__version__,
-                       "inline_launches": kernels.inline_launch_state(), "shape": {**SHAPE, "dtype": "bfloat16"},
-                       "calls": args.calls, "warmup": args.warmup, "figures": list(report.rows.values()),
-                       "targets": targets, "wrong_bytes": report.wrong_bytes, "failed": report.failed}, f, indent=2)
     if report.wrong_bytes:
         return 1
     return 3 if report.failed else 0
