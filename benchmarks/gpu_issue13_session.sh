@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One call on a one-GPU machine for the redesign's GPU checks: the host-time figures, the one-GPU
+# bench, and the GPU tests named in KVLINK_STEPS (each under its own time limit, a hang dumps
+# every thread's stack and ends only that step). Logs under OUTDIR; a table last.
+# Usage (repo root): KVLINK_STEPS="host_costs bench kernels loopback chaos ..." bash benchmarks/gpu_issue13_session.sh OUTDIR
+set -u -o pipefail
+out=${1:-${OUT:-/tmp/kvlink-gpu}}
+mkdir -p "$out"
+status=0
+source benchmarks/gpu_env.sh
+python3 -c "import torch, cupy, zmq; print('torch', torch.__version__, '| cupy', cupy.__version__, '| zmq', zmq.__version__)" \
+  | tee -a "$out/device.txt"
+summary=()
+step_test() {  # name, seconds for the step, seconds per test, pytest arguments
+  local name=$1 limit=$2 per=$3; shift 3
+  timeout "$limit" python3 -m pytest -q -p no:cacheprovider --timeout="$per" --timeout-method=thread "$@" \
+    > "$out/tests_$name.log" 2>&1 || status=1
+  summary+=("tests $name: $(tail -n 1 "$out/tests_$name.log")")
+  echo "${summary[-1]}"
+}
+t0=$SECONDS
+for step in ${KVLINK_STEPS:-host_costs bench kernels loopback}; do
+  started=$SECONDS
+  case $step in
+    host_costs) timeout 150 python3 benchmarks/host_costs.py --json "$out/host_costs.json" > "$out/host_costs.txt" 2>&1 || status=1
+                sed -n '/^targets/,$p' "$out/host_costs.txt"; grep -E "PART FAILED|WRONG|Traceback" "$out/host_costs.txt"
+                summary+=("host_costs: $(grep -cE 'MISSED' "$out/host_costs.txt") targets missed") ;;
+    bench) timeout 120 python3 -m kvlink.bench --iters 10 --json "$out/bench.json" --plot "$out/bench.png" \
+             > "$out/bench.txt" 2> "$out/bench.err" || status=1
+           cat "$out/bench.txt"; grep -E "Error|error|FAILED" "$out/bench.err" | head -n 6
+           summary+=("bench: $(grep -E '^# [0-9]+ cases' "$out/bench.txt")") ;;
+    kernels) step_test kernels 200 60 tests/test_gpu_kernels.py tests/test_kernel_model.py tests/test_fp8_wire.py \
+               tests/test_checksums.py tests/test_host_path.py ;;
+    loopback) step_test loopback 150 40 tests/test_nccl_pipeline_loopback.py -k "not cancel_mid_pull"
+              step_test loopback_cancel 60 25 tests/test_nccl_pipeline_loopback.py -k "cancel_mid_pull" ;;
+    chaos) step_test chaos 200 100 -s tests/test_chaos.py -k cuda ;;
+    ipc) step_test ipc 150 60 tests/test_transfer_ipc.py ;;
+    adapters) step_test adapters 150 60 tests/test_vllm_connector.py tests/test_sglang_backend.py ;;
+    rest) step_test rest 240 60 tests/test_example.py tests/test_faults_gpu.py tests/test_api.py \
+            tests/test_progress_engine.py tests/test_resharding.py tests/test_resharding_gpu.py ;;
+    soak) KVLINK_SOAK_TRANSFERS=2000 step_test soak 120 100 tests/test_soak.py ;;
+  esac
+  echo "== $step: $((SECONDS - started)) s"
+done
+echo "== summary ($((SECONDS - t0)) s)"
+printf '%s\n' "${summary[@]}"
+exit $status
