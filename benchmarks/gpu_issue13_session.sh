@@ -17,6 +17,8 @@ step_test() {  # name, seconds for the step, seconds per test, pytest arguments
     > "$out/tests_$name.log" 2>&1 || status=1
   summary+=("tests $name: $(tail -n 1 "$out/tests_$name.log")")
   echo "${summary[-1]}"
+  # failures' and hangs' details into the call's output too (a log may not come back)
+  grep -qE "failed|error|Timeout" <<<"${summary[-1]}" && grep -vE "^\s*$" "$out/tests_$name.log" | tail -n "${KVLINK_LOG_TAIL:-60}" | cut -c1-300
 }
 t0=$SECONDS
 for step in ${KVLINK_STEPS:-host_costs bench kernels loopback}; do
@@ -25,14 +27,20 @@ for step in ${KVLINK_STEPS:-host_costs bench kernels loopback}; do
     host_costs) timeout 150 python3 benchmarks/host_costs.py --json "$out/host_costs.json" > "$out/host_costs.txt" 2>&1 || status=1
                 sed -n '/^targets/,$p' "$out/host_costs.txt"; grep -E "PART FAILED|WRONG|Traceback" "$out/host_costs.txt"
                 summary+=("host_costs: $(grep -cE 'MISSED' "$out/host_costs.txt") targets missed") ;;
+    bench_ctas) KVLINK_IPC_MAX_CTAS=0 timeout 120 python3 -m kvlink.bench --iters 10 --json "$out/bench_ctas.json" \
+                  > "$out/bench_ctas.txt" 2> "$out/bench_ctas.err" || status=1
+                grep -E "^kvlink|^copy" "$out/bench_ctas.txt" ;;
     bench) timeout 120 python3 -m kvlink.bench --iters 10 --json "$out/bench.json" --plot "$out/bench.png" \
              > "$out/bench.txt" 2> "$out/bench.err" || status=1
            cat "$out/bench.txt"; grep -E "Error|error|FAILED" "$out/bench.err" | head -n 6
            summary+=("bench: $(grep -E '^# [0-9]+ cases' "$out/bench.txt")") ;;
     kernels) step_test kernels 200 60 tests/test_gpu_kernels.py tests/test_kernel_model.py tests/test_fp8_wire.py \
                tests/test_checksums.py tests/test_host_path.py ;;
-    loopback) step_test loopback 150 40 tests/test_nccl_pipeline_loopback.py -k "not cancel_mid_pull"
-              step_test loopback_cancel 60 25 tests/test_nccl_pipeline_loopback.py -k "cancel_mid_pull" ;;
+    loopback) step_test loopback 150 30 tests/test_nccl_pipeline_loopback.py -k "not cancel_mid_pull" ;;
+    loopback_each)  # one process per test: a hang ends only its own test
+      for id in $(python3 -m pytest -q --collect-only -p no:cacheprovider tests/test_nccl_pipeline_loopback.py | grep "::"); do
+        KVLINK_LOG_TAIL=25 step_test "loopback_${id##*::}" 45 25 "$id"
+      done ;;
     chaos) step_test chaos 200 100 -s tests/test_chaos.py -k cuda ;;
     ipc) step_test ipc 150 60 tests/test_transfer_ipc.py ;;
     adapters) step_test adapters 150 60 tests/test_vllm_connector.py tests/test_sglang_backend.py ;;

@@ -54,6 +54,9 @@ class EndpointConfig:
     heartbeat: float = 1.0
     max_ctas: int = 64
     ipc_max_ctas: int | None = 264  # None (or 0): one thread block per tile
+    # layer copies of layer-wise ipc pulls a link keeps queued on the GPU, waiting for the prefill's
+    # layer counters; later pulls wait on the host until earlier ones finish (see transports/ipc.py)
+    ipc_queued_layers: int = 128
     max_links: int = 8
     secret: bytes | str | None = None
     checksum: bool = False
@@ -102,7 +105,8 @@ class EndpointConfig:
                                   f"got {self.transport!r}") from None
         self.secret = auth.normalize_secret(self.secret)
         self.ipc_max_ctas = self.ipc_max_ctas or None
-        for name in ("num_slots", "max_links", "outbox_limit", "turn_budget", "chunk_bytes", "max_ctas"):
+        for name in ("num_slots", "max_links", "outbox_limit", "turn_budget", "chunk_bytes", "max_ctas",
+                     "ipc_queued_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {value!r}")

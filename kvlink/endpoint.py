@@ -185,7 +185,8 @@ class Endpoint:
     def stats(self) -> dict:
         """The endpoint's counters: late messages dropped (of transfers that had ended), failed
         links, messages queued behind slow peers; and under ``transports`` those a transport
-        keeps (nccl: chunks queued and the host seconds spent on them, per side)."""
+        keeps (nccl: chunks queued and the host seconds spent on them, per side; ipc: layer-wise
+        pulls deferred past the GPU queue's bound)."""
         links = list(self._links.values())
         return {"late_messages": self._engine.late_messages, "links_failed": sum(bool(l.failed) for l in links),
                 "queued_messages": sum(len(l.channel.outbox) for l in links),

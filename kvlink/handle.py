@@ -142,8 +142,9 @@ class TransferHandle:
     def event(self) -> torch.cuda.Event | None:
         """CUDA event recorded after the last write of the pull (GPU caches; None on the host
         transport). Prefer :meth:`current_stream_wait`. On ipc it exists when ``pull()``
-        returns; on nccl once the progress thread queued the receives (this waits for that,
-        at most the endpoint's timeout: normally one turn of the progress loop)."""
+        returns (a layer-wise pull deferred past its link's bound on queued layer copies: once the
+        progress thread queued it); on nccl once the progress thread queued the receives (this
+        waits for that, at most the endpoint's timeout: normally one turn of the progress loop)."""
         self._wait_enqueued()
         return self._event
 

@@ -73,14 +73,19 @@ def mirror():
 @contextlib.contextmanager
 def big_pull_under_way(layout, generator, request, *, proxy=False):
     """A prefill process, a decode endpoint linked to it (through a cuttable proxy if asked) and a
-    32 MiB pull whose first chunk has landed: (prefill, decode, peer, handle, dst blocks, proxy)."""
+    32 MiB pull whose first chunk has landed: (prefill, decode, peer, handle, dst blocks, proxy).
+
+    The pull is layer-wise and only its first layer is announced, so it stays under way (a quarter
+    of it landed, the rest waiting on the prefill side) for as long as the test needs, however fast
+    the machine moves the rest."""
     prefill = PrefillProcess(PRESET, SEED, SHAPE, **LINK)
     try:
         relay = Proxy(prefill.address) if proxy else None
         with kvlink.Endpoint(layout, name="decode", listen=None, **LINK) as decode:
             peer = decode.connect(relay.address if relay else prefill.address)
             src, dst = big_request(generator)
-            handle = decode.pull(peer, request, src, dst, BIG)
+            handle = decode.pull(peer, request, src, dst, BIG, layerwise=True)
+            prefill.call("layer_ready", request, [0])
             wait_started(handle)
             yield prefill, decode, peer, handle, dst, relay
     finally:

@@ -168,3 +168,37 @@ def test_layers_ready_out_of_order_are_signalled_in_order(prefill, mirror, decod
     prefill.call("layer_ready", "reversed", [1, 0])
     handle.wait(10)
     assert torch.equal(packed(layout, dst, num_tokens), packed(mirror, src, num_tokens))
+
+
+def test_layerwise_pulls_past_the_gpu_queue_bound_wait_on_the_host(prefill, mirror, generator):
+    """A link queues at most ipc_queued_layers layer copies on the GPU (work waiting there fills the
+    driver's launch queue, and a full one blocks the caller's next launch): later layer-wise pulls
+    are deferred, a cancelled deferred one leaves its blocks untouched, and the rest land in order
+    once their layers are ready."""
+    from engine_access import random_fill
+    device = decode_device()
+    torch.cuda.set_device(device)
+    engine, layout = kvlink.presets.allocate(DST_PRESET, fill=random_fill(generator), device=device, **DST_SHAPE)
+    config = kvlink.EndpointConfig(timeout=20, ipc_queued_layers=8)  # two 4-layer pulls on the GPU
+    with kvlink.Endpoint(layout, name="decode-bounded", listen=None, config=config) as endpoint:
+        peer = endpoint.connect(prefill.address)
+        pulls = []
+        src_choice = torch.randperm(SRC_SHAPE["num_blocks"], generator=generator)[:30].tolist()
+        dst_free = torch.randperm(layout.num_blocks, generator=generator).tolist()
+        for i, src in enumerate(src_choice):
+            dst = [dst_free.pop(), dst_free.pop()]
+            pulls.append((endpoint.pull(peer, f"bounded-{i}", [src], dst, 16, layerwise=True), [src], dst))
+        deferred = endpoint.stats()["transports"]["ipc"]["layerwise_deferred"]
+        assert deferred == len(pulls) - 2, f"{deferred} of {len(pulls)} deferred"
+        cancelled, cancelled_src, cancelled_dst = pulls.pop(20)
+        before = packed(layout, cancelled_dst, 16)
+        assert cancelled.cancel(timeout=10) is True
+        assert cancelled.dst_state == "untouched"
+        for handle, _, _ in pulls:
+            prefill.call("layer_ready", handle.request, [0, 1, 2, 3])
+        for handle, src, dst in pulls:
+            handle.wait(20)
+            assert torch.equal(packed(layout, dst, 16), packed(mirror, src, 16)), handle.request
+            torch.cuda.current_stream().wait_event(handle.layer_event(3))  # events exist once queued
+        torch.cuda.synchronize()
+        assert torch.equal(packed(layout, cancelled_dst, 16), before), "a cancelled deferred pull wrote its blocks"

@@ -9,6 +9,14 @@ Layer-wise pulls: each layer's copy first waits, on the GPU, for a counter in th
 memory that the prefill's stream advances after that layer's forward pass (``layer_ready``),
 so no host sits between the two. Those pulls do travel to the prefill side (a PULL naming the
 counter), which serves them in order like any other.
+
+Work waiting on the GPU fills the driver's launch queue, and a full queue makes the next launch
+block the calling thread until the GPU moves on, which a slow or dead prefill may never let it
+do. So a link keeps at most ``EndpointConfig.ipc_queued_layers`` layer copies queued (a pull
+with more layers than that goes alone); a layer-wise pull beyond it is deferred: its PULL goes
+out at once, and the progress thread queues its copies when earlier pulls have finished (its
+``event``/``layer_event`` exist from then on). A deferred pull that times out or is cancelled
+never queued anything: its blocks are untouched.
 """
 
 from __future__ import annotations
@@ -45,6 +53,10 @@ class DecodeLink:
     # pulls on each stream in the order queued: one completes only after those before it
     plain: collections.deque = field(default_factory=collections.deque)
     layered: collections.deque = field(default_factory=collections.deque)
+    # layer-wise pulls whose copies wait on the host (the GPU queue is at its bound), in issue order
+    deferred: collections.deque = field(default_factory=collections.deque)
+    queued_layers: int = 0  # layer copies of ``layered`` queued on the GPU (the transport's _queue_lock)
+    deferring: int = 0  # pulls deferred and not yet queued or ended (idem): later pulls defer too, in order
 
     def close(self) -> None:
         for stream in (self.stream, self.layer_stream):
@@ -67,6 +79,8 @@ class IpcPull:
     req: object  # kvlink.transports.base.PullRequest
     src_sel: object
     counter: tuple[int, int, int] | None = None  # layer-wise: (slot, base, layers)
+    deferred: bool = False  # layer-wise, its copies not queued by pull(): the progress thread queues them
+    queued: int = 0  # layer copies it counts in its link's queued_layers
 
 
 class IpcTransport(Transport):
@@ -87,6 +101,8 @@ class IpcTransport(Transport):
         # only the progress thread's releases of timed-out counters drain it: a release that
         # needed the launch lock would wait for that caller for ever.
         self._counter_lock = threading.Lock()
+        self._queue_lock = threading.Lock()  # the links' queued_layers and deferring counts
+        self._deferred_total = 0  # layer-wise pulls deferred so far (Endpoint.stats())
         self._release_stream = None
         self.reason = self._offer()
 
@@ -149,6 +165,10 @@ class IpcTransport(Transport):
             raise TransportUnavailable(f"CUDA IPC failed: {exc}") from exc
         return state
 
+    def counters(self) -> dict:
+        """Layer-wise pulls deferred so far: their copies waited on the host for the GPU queue."""
+        return {"layerwise_deferred": self._deferred_total} if self._counters is not None else {}
+
     def describe(self, link) -> str:
         return (f"transport ipc (CUDA IPC on one host: the decode GPU reads the prefill GPU's blocks directly over "
                 f"NVLink or PCIe; no staging, no communicator) on GPU {self.ctx.device_index}")
@@ -166,7 +186,8 @@ class IpcTransport(Transport):
         return IpcPull(req, src_sel)
 
     def start_pull(self, link, handle, op) -> None:
-        """Queue the copy kernel(s) right here, on the caller's thread."""
+        """Queue the copy kernel(s) right here, on the caller's thread (a layer-wise pull past the
+        link's bound on queued layer copies: on the progress thread, later)."""
         pull = op
         req = pull.req
         state, dst_sel = link.state, req.dst_sel
@@ -175,41 +196,68 @@ class IpcTransport(Transport):
         stamps["called"], stamps["validated"] = req.called, started
         stats = handle.stats
         stats.payload_bytes = stats.wire_bytes = dst_sel.payload_bytes
-        layer_events = {}
+        stats.chunks = dst_sel.num_layers if req.layerwise else 1
         with self._launch_lock, _on_device(self.ctx.device_index):
             stamps["locked"] = time.perf_counter()
-            stream = state.layer_stream if req.layerwise else state.stream
-            if req.after is not None:
-                stream.wait_event(req.after)  # pull(stream=): not before the caller's work
             if not req.layerwise:
+                stream = state.stream
+                if req.after is not None:
+                    stream.wait_event(req.after)  # pull(stream=): not before the caller's work
                 launch_copy(pull.src_sel, dst_sel, stream, max_ctas=self.config.ipc_max_ctas, stamps=stamps)
-                handle.stats.chunks = 1
+                done = torch.cuda.Event()
+                done.record(stream)
+                layer_events = {}
             else:
                 slot = self._take_counter(handle)
                 base = self._counter_values[slot]
                 self._counter_values[slot] = (base + dst_sel.num_layers) & 0xFFFFFFFF
                 pull.counter = (slot, base, dst_sel.num_layers)
-                address = self._counters.data_ptr() + 4 * slot
-                tokens = (0, dst_sel.num_tokens)
-                for i, layer in enumerate(range(dst_sel.layer_start, dst_sel.layer_stop)):
-                    cuda_driver.stream_wait_value(stream.cuda_stream, address, base + i + 1)  # the prefill finished it
-                    launch_copy(pull.src_sel.box((layer, layer + 1), tokens), dst_sel.box((layer, layer + 1), tokens),
-                                stream, max_ctas=self.config.ipc_max_ctas)
-                    layer_events[layer] = event = torch.cuda.Event()
-                    event.record(stream)
-                handle.stats.chunks = dst_sel.num_layers
-            done = torch.cuda.Event()
-            done.record(stream)
+                with self._queue_lock:
+                    pull.deferred = state.deferring > 0 or not self._fits(state, dst_sel.num_layers)
+                    if pull.deferred:
+                        state.deferring += 1
+                        self._deferred_total += 1
+                    else:
+                        state.queued_layers += dst_sel.num_layers
+                        pull.queued = dst_sel.num_layers
+                if not pull.deferred:
+                    done, layer_events = self._queue_layer_copies(state, pull)
         stamps["recorded"] = time.perf_counter()
         handle.stats.enqueue_seconds = stamps["recorded"] - started
         # this thread's CPU time over the whole pull() so far: far below the wall time means it waited
         # (for the GIL, or the OS), not that the steps are slow
         handle.stats.pull_cpu_seconds = time.thread_time() - req.called_cpu
-        handle._gpu_work(done, layer_events, spin=True)  # all of it is on the GPU now
+        if not pull.deferred:
+            handle._gpu_work(done, layer_events, spin=True)  # all of it is on the GPU now
         if req.layerwise:  # its PULL must reach the prefill side now
             self.ctx.engine.post(self.track, link, handle, on_error=lambda exc: self._not_tracked(link, handle, exc))
         else:
             self.ctx.engine.post_quiet(self.track, link, handle)  # only its completion is watched
+
+    def _fits(self, state: DecodeLink, num_layers: int) -> bool:
+        """Whether ``num_layers`` more layer copies may queue on the link's stream (under _queue_lock)."""
+        return state.queued_layers == 0 or state.queued_layers + num_layers <= self.config.ipc_queued_layers
+
+    def _queue_layer_copies(self, state: DecodeLink, pull: IpcPull):
+        """Queue a layer-wise pull's copies, each behind a GPU wait on its layer counter (under the
+        launch lock); its completion event and per-layer events."""
+        req, dst_sel = pull.req, pull.req.dst_sel
+        stream = state.layer_stream
+        if req.after is not None:
+            stream.wait_event(req.after)  # pull(stream=): not before the caller's work
+        slot, base, _ = pull.counter
+        address = self._counters.data_ptr() + 4 * slot
+        tokens = (0, dst_sel.num_tokens)
+        layer_events = {}
+        for i, layer in enumerate(range(dst_sel.layer_start, dst_sel.layer_stop)):
+            cuda_driver.stream_wait_value(stream.cuda_stream, address, base + i + 1)  # the prefill finished it
+            launch_copy(pull.src_sel.box((layer, layer + 1), tokens), dst_sel.box((layer, layer + 1), tokens),
+                        stream, max_ctas=self.config.ipc_max_ctas)
+            layer_events[layer] = event = torch.cuda.Event()
+            event.record(stream)
+        done = torch.cuda.Event()
+        done.record(stream)
+        return done, layer_events
 
     def _not_tracked(self, link, handle, exc) -> None:
         handle._finish(f"could not start: {exc}")
@@ -224,7 +272,8 @@ class IpcTransport(Transport):
             return
         link.pending[handle.xfer] = handle
         pull = handle._op
-        (link.state.layered if pull.counter is not None else link.state.plain).append(handle)
+        state = link.state
+        (state.deferred if pull.deferred else state.layered if pull.counter is not None else state.plain).append(handle)
         if pull.counter is not None:  # the prefill side needs only the layers and the counter
             dst_sel = pull.req.dst_sel
             self.ctx.engine.send(link, control.encode(
@@ -233,7 +282,8 @@ class IpcTransport(Transport):
                 counter=list(pull.counter[:2]), checksum=False, wire=""))
 
     def poll(self, link) -> None:
-        for queue in (link.state.plain, link.state.layered):
+        state = link.state
+        for queue in (state.plain, state.layered):
             while queue:
                 handle = queue[0]
                 if handle._op.counter is not None and not handle._ended() and handle._elapsed() > self.config.timeout:
@@ -242,8 +292,41 @@ class IpcTransport(Transport):
                 if not handle.done():
                     break
                 queue.popleft()
+                if handle._op.queued:
+                    with self._queue_lock:
+                        state.queued_layers -= handle._op.queued
+                    handle._op.queued = 0
                 if handle.xfer in link.pending:
                     self.notify(link, handle)
+        if state.deferred:
+            self._queue_deferred(link)
+
+    def _queue_deferred(self, link) -> None:
+        """Progress thread: end the deferred pulls that timed out or were cancelled, and queue the
+        copies of those the link's bound now admits, oldest first."""
+        state = link.state
+        while state.deferred:
+            handle = state.deferred[0]
+            pull = handle._op
+            if not handle._ended() and handle._elapsed() > self.config.timeout:
+                handle._finish(f"layers not all ready within {self.config.timeout:.1f} s (its copies were never "
+                               "queued: earlier layer-wise pulls on this link held the GPU queue)")
+            if not handle._ended():
+                with self._launch_lock, _on_device(self.ctx.device_index):
+                    with self._queue_lock:
+                        if not self._fits(state, pull.req.dst_sel.num_layers):
+                            return
+                        state.queued_layers += pull.req.dst_sel.num_layers
+                        pull.queued = pull.req.dst_sel.num_layers
+                    done, layer_events = self._queue_layer_copies(state, pull)
+                handle._gpu_work(done, layer_events, spin=True)
+                state.layered.append(handle)
+            elif handle.xfer in link.pending:
+                self.notify(link, handle)  # nothing of it was queued: its counter is simply freed
+            state.deferred.popleft()
+            pull.deferred = False
+            with self._queue_lock:
+                state.deferring -= 1
 
     def on_message(self, link, handle, kind, message, frames) -> None:
         if kind == "FAILED":
