@@ -131,7 +131,7 @@ def test_fp8_on_the_wire_lands_what_pack_and_unpack_produce(generator, checksum)
     with kvlink.Endpoint(src, name="prefill", config=config()) as prefill, \
             kvlink.Endpoint(dst, name="decode", listen=None, config=config(wire_dtype="fp8", checksum=checksum)) as decode:
         peer = decode.connect(prefill.address)
-        src_ids, dst_ids, num_tokens = list(range(20, 120)), list(range(0, 200)), 1590
+        src_ids, dst_ids, num_tokens = list(range(20, 120)), list(range(0, 199)), 1590  # 100 x 16, 199 x 8 tokens
         handle = decode.pull(peer, "fp8", src_ids, dst_ids, num_tokens)
         handle.wait(BOUND)
         assert handle.stats.wire_bytes < handle.stats.payload_bytes and handle.stats.chunks > 3
@@ -149,7 +149,7 @@ def test_checksummed_pulls_are_byte_exact(generator):
     with kvlink.Endpoint(src, name="prefill", config=config()) as prefill, \
             kvlink.Endpoint(dst, name="decode", listen=None, config=config(checksum=True)) as decode:
         peer = decode.connect(prefill.address)
-        src_ids, dst_ids, num_tokens = list(range(200)), list(range(50, 450)), 3190
+        src_ids, dst_ids, num_tokens = list(range(200)), list(range(50, 449)), 3190  # 200 x 16, 399 x 8 tokens
         handle = decode.pull(peer, "checked", src_ids, dst_ids, num_tokens)
         handle.wait(BOUND)
         assert handle.stats.chunks > 3

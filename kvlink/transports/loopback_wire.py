@@ -8,10 +8,12 @@ crossing differs. Never picked by ``transport="auto"``.
 A pair of NCCL send/recv calls completes for both sides at once: the receiver's stream moves
 past its recv only when the bytes have arrived, and the sender's past its send only when they
 have left. Either side may post first (kvlink's decode side posts its receives before the
-prefill side sends). The stand-in keeps exactly that ordering with three int32 flags on the GPU
-and stream memory operations (cuStreamWaitValue32 / cuStreamWriteValue32), so a call costs two
-or three driver calls and no event. The k-th send and the k-th recv are matched (NCCL matches a
-peer's sends and receives in order):
+prefill side sends). The stand-in keeps exactly that ordering with three int32 flags on the GPU,
+written with cuStreamWriteValue32 and waited for by a one-thread kernel that polls the flag
+(csrc/loopback_wait.cu: a cuStreamWaitValue32 would stop the hardware queue it sits in, which
+the other endpoint's streams share, and the two deadlocked), so a call costs two or three
+driver calls and no event. The k-th send and the k-th recv are matched (NCCL matches a peer's
+sends and receives in order):
 
     first of the pair, on its stream:   write posted[its side] = k    (its prior work is done:
                                                                        data packed / slot free)
@@ -27,12 +29,30 @@ writes every flag to its last posted number, so no stream waits forever on a sid
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import threading
 
 import torch
 
 from kvlink import cuda_driver, kernels
+
+WAIT_KERNEL = "kvlink_loopback_wait"
+
+
+@functools.lru_cache(maxsize=None)
+def _wait_function(device_index: int) -> int:
+    """The polling wait kernel's CUfunction on ``device_index`` (compiled at first use)."""
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        module = cupy.RawModule(code=(kernels.csrc_dir() / "loopback_wait.cu").read_text())
+        return int(module.get_function(WAIT_KERNEL).kernel.ptr)
+
+
+def wait_flag(device_index: int, stream: int, address: int, value: int) -> None:
+    """Queue on ``stream``: go on once the int32 at ``address`` reaches ``value`` (cyclic >=)."""
+    cuda_driver.launch_kernel(_wait_function(device_index), 1, 1, (address, value & 0xFFFFFFFF), stream)
 
 _PAIRS: dict[bytes, "LoopbackPair"] = {}  # id (sent in the WELCOME as the "nccl_id") -> pair
 _PAIRS_LOCK = threading.Lock()
@@ -89,6 +109,7 @@ class LoopbackPair:
             self.flags = torch.zeros(3, dtype=torch.int32, device=device)
         side.synchronize()  # zeroed before any stream waits on it
         self.addresses = [self.flags.data_ptr() + 4 * which for which in (SENDS, RECVS, DONE)]
+        _wait_function(device_index)  # compiled now, not inside a pull
         self.posted = [0, 0]  # calls posted per direction (0: send, 1: recv)
         self.waiting = (collections.deque(), collections.deque())  # (ptr, nbytes, number) per direction
         self.aborted = False
@@ -105,7 +126,7 @@ class LoopbackPair:
             if not other:  # first of its pair: say our prior work is done, wait for the copy
                 self.waiting[direction].append((ptr, nbytes, number))
                 cuda_driver.stream_write_value(handle, self.addresses[direction], number)
-                cuda_driver.stream_wait_value(handle, self.addresses[DONE], number)
+                wait_flag(self.device_index, handle, self.addresses[DONE], number)
                 return
             other_ptr, other_bytes, other_number = other.popleft()
             assert other_number == number  # matched in order
@@ -113,7 +134,7 @@ class LoopbackPair:
                 STATS["size_mismatches"] += 1
             src, dst = (ptr, other_ptr) if direction == SENDS else (other_ptr, ptr)
             copied = min(nbytes, other_bytes)
-            cuda_driver.stream_wait_value(handle, self.addresses[1 - direction], number)  # the other side's prior work
+            wait_flag(self.device_index, handle, self.addresses[1 - direction], number)  # the other side's prior work
             cuda_driver.memcpy_async(dst, src, copied, handle)
             cuda_driver.stream_write_value(handle, self.addresses[DONE], number)  # releases the other side
             STATS["copied_bytes"] += copied
