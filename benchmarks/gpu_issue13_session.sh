@@ -38,8 +38,14 @@ for step in ${KVLINK_STEPS:-host_costs bench kernels loopback}; do
                tests/test_checksums.py tests/test_host_path.py ;;
     loopback) step_test loopback 150 30 tests/test_nccl_pipeline_loopback.py -k "not cancel_mid_pull" ;;
     loopback_each)  # one process per test: a hang ends only its own test
+      n=0
       for id in $(python3 -m pytest -q --collect-only -p no:cacheprovider tests/test_nccl_pipeline_loopback.py | grep "::"); do
-        KVLINK_LOG_TAIL=25 step_test "loopback_${id##*::}" 45 25 "$id"
+        n=$((n + 1))
+        KVLINK_LOG_TAIL=12 step_test "loopback_$n" 45 25 "$id"
+        if grep -q "Timeout" "$out/tests_loopback_$n.log"; then  # where kvlink's own threads were at the hang
+          echo "  $id: kvlink threads at the hang:"
+          grep -A40 "Stack of kvlink" "$out/tests_loopback_$n.log" | grep -E "Stack of|File .*kvlink/" | cut -c1-200 | head -n 30
+        fi
       done ;;
     chaos) step_test chaos 200 100 -s tests/test_chaos.py -k cuda ;;
     ipc) step_test ipc 150 60 tests/test_transfer_ipc.py ;;

@@ -8,12 +8,10 @@ crossing differs. Never picked by ``transport="auto"``.
 A pair of NCCL send/recv calls completes for both sides at once: the receiver's stream moves
 past its recv only when the bytes have arrived, and the sender's past its send only when they
 have left. Either side may post first (kvlink's decode side posts its receives before the
-prefill side sends). The stand-in keeps exactly that ordering with three int32 flags on the GPU,
-written with cuStreamWriteValue32 and waited for by a one-thread kernel that polls the flag
-(csrc/loopback_wait.cu: a cuStreamWaitValue32 would stop the hardware queue it sits in, which
-the other endpoint's streams share, and the two deadlocked), so a call costs two or three
-driver calls and no event. The k-th send and the k-th recv are matched (NCCL matches a peer's
-sends and receives in order):
+prefill side sends). The stand-in keeps exactly that ordering with three int32 flags on the GPU
+and stream memory operations (cuStreamWaitValue32 / cuStreamWriteValue32), so a call costs two
+or three driver calls and no event. The k-th send and the k-th recv are matched (NCCL matches a
+peer's sends and receives in order):
 
     first of the pair, on its stream:   write posted[its side] = k    (its prior work is done:
                                                                        data packed / slot free)
@@ -24,35 +22,25 @@ sends and receives in order):
 
 ``done`` only grows: the copy of pair k+1 comes after both streams passed pair k. ``abort()``
 writes every flag to its last posted number, so no stream waits forever on a side that is gone.
+
+Known limit (seen on one H200, 2026-12-02): both sides live in one process, so a GPU wait of one
+side is released only by work that a host thread of the same process queues later. When a host
+thread meanwhile blocks in a CUDA allocation (torch's caching allocator growing a pool: a
+checksum's temporaries, a pull's status word), which waits behind those GPU waits, nothing
+queues that work: concurrent pulls, checksummed pulls and a mid-pull cancel deadlock here. A
+one-thread polling kernel in place of cuStreamWaitValue32 deadlocked the same way. Real NCCL
+between two GPUs releases a wait from the peer's own threads.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import os
 import threading
 
 import torch
 
 from kvlink import cuda_driver, kernels
-
-WAIT_KERNEL = "kvlink_loopback_wait"
-
-
-@functools.lru_cache(maxsize=None)
-def _wait_function(device_index: int) -> int:
-    """The polling wait kernel's CUfunction on ``device_index`` (compiled at first use)."""
-    import cupy
-
-    with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(code=(kernels.csrc_dir() / "loopback_wait.cu").read_text())
-        return int(module.get_function(WAIT_KERNEL).kernel.ptr)
-
-
-def wait_flag(device_index: int, stream: int, address: int, value: int) -> None:
-    """Queue on ``stream``: go on once the int32 at ``address`` reaches ``value`` (cyclic >=)."""
-    cuda_driver.launch_kernel(_wait_function(device_index), 1, 1, (address, value & 0xFFFFFFFF), stream)
 
 _PAIRS: dict[bytes, "LoopbackPair"] = {}  # id (sent in the WELCOME as the "nccl_id") -> pair
 _PAIRS_LOCK = threading.Lock()
@@ -109,7 +97,6 @@ class LoopbackPair:
             self.flags = torch.zeros(3, dtype=torch.int32, device=device)
         side.synchronize()  # zeroed before any stream waits on it
         self.addresses = [self.flags.data_ptr() + 4 * which for which in (SENDS, RECVS, DONE)]
-        _wait_function(device_index)  # compiled now, not inside a pull
         self.posted = [0, 0]  # calls posted per direction (0: send, 1: recv)
         self.waiting = (collections.deque(), collections.deque())  # (ptr, nbytes, number) per direction
         self.aborted = False
@@ -126,7 +113,7 @@ class LoopbackPair:
             if not other:  # first of its pair: say our prior work is done, wait for the copy
                 self.waiting[direction].append((ptr, nbytes, number))
                 cuda_driver.stream_write_value(handle, self.addresses[direction], number)
-                wait_flag(self.device_index, handle, self.addresses[DONE], number)
+                cuda_driver.stream_wait_value(handle, self.addresses[DONE], number)
                 return
             other_ptr, other_bytes, other_number = other.popleft()
             assert other_number == number  # matched in order
@@ -134,7 +121,7 @@ class LoopbackPair:
                 STATS["size_mismatches"] += 1
             src, dst = (ptr, other_ptr) if direction == SENDS else (other_ptr, ptr)
             copied = min(nbytes, other_bytes)
-            wait_flag(self.device_index, handle, self.addresses[1 - direction], number)  # the other side's prior work
+            cuda_driver.stream_wait_value(handle, self.addresses[1 - direction], number)  # the other side's prior work
             cuda_driver.memcpy_async(dst, src, copied, handle)
             cuda_driver.stream_write_value(handle, self.addresses[DONE], number)  # releases the other side
             STATS["copied_bytes"] += copied
