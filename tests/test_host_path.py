@@ -186,14 +186,14 @@ def test_a_completion_flag_behaves_as_an_event():
     flag = _Flag()
     assert not flag.is_set() and flag.wait(0) is False and flag.wait(0.01) is False
     woken = []
-    waiters = [threading.Thread(target=lambda: woken.append(flag.wait(5))) for _ in range(4)]
+    waiters = [threading.Thread(target=lambda: woken.append(flag.wait(60))) for _ in range(4)]
     for t in waiters:
         t.start()
-    time.sleep(0.05)
+    time.sleep(0.05)  # most waiters block first (one that starts late finds the flag set: True as well)
     flag.set()
     flag.set()  # a second set is a no-op
     for t in waiters:
-        t.join(5)
+        t.join(60)
     assert woken == [True] * 4 and flag.is_set() and flag.wait() and flag.wait(-1)
 
 

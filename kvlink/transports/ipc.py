@@ -324,7 +324,6 @@ class IpcTransport(Transport):
             elif handle.xfer in link.pending:
                 self.notify(link, handle)  # nothing of it was queued: its counter is simply freed
             state.deferred.popleft()
-            pull.deferred = False
             with self._queue_lock:
                 state.deferring -= 1
 
