@@ -5,6 +5,8 @@
 # its step. Logs under OUTDIR; a table last.
 # Usage (repo root): KVLINK_STEPS="kernels ipc chaos ..." bash benchmarks/gpu_one_gpu_session.sh OUTDIR
 #   steps: kernels ipc adapters rest soak chaos loopback loopback_each host_costs bench bench_ctas
+#          profile_e (cProfile of the stand-in's progress threads) copy_sweep (the copy kernel on one
+#          GPU's memory against a device copy, over grids and NVRTC unroll/thread options)
 set -u -o pipefail
 out=${1:-${OUT:-/tmp/kvlink-gpu}}
 mkdir -p "$out"
@@ -36,6 +38,18 @@ for step in ${KVLINK_STEPS:-kernels ipc adapters rest soak chaos loopback_each h
              > "$out/bench.txt" 2> "$out/bench.err" || status=1
            cat "$out/bench.txt"; grep -E "Error|error|FAILED" "$out/bench.err" | head -n 6
            summary+=("bench: $(grep -E '^# [0-9]+ cases' "$out/bench.txt")") ;;
+    profile_e) rm -rf "$out/prof"
+               KVLINK_PROFILE_PROGRESS="$out/prof" timeout 120 python3 benchmarks/host_costs.py --parts E --calls 300 \
+                 --warmup 50 > "$out/profile_e.txt" 2>&1 || status=1
+               grep -E "stand-in" "$out/profile_e.txt" | head -n 12
+               for f in "$out"/prof/*.prof; do
+                 echo "-- $f"; python3 -c "import pstats,sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(14)" "$f" \
+                   | grep -E "^ +[0-9]" | cut -c1-160
+               done ;;
+    copy_sweep) for opts in "" "-DKVLINK_UNROLL=8" "-DKVLINK_UNROLL=2" "-DKVLINK_THREADS=512" "-DKVLINK_THREADS=128 -DKVLINK_UNROLL=8"; do
+                  KVLINK_NVRTC_OPTIONS="$opts" timeout 100 python3 benchmarks/ipc_copy_sweep.py --ctas 0 264 1056 \
+                    --tokens 4096 --iters 10 2>&1 | grep -E "us|wrong|Error" | tee -a "$out/copy_sweep.txt"
+                done ;;
     kernels) step_test kernels 200 60 tests/test_gpu_kernels.py tests/test_kernel_model.py tests/test_fp8_wire.py \
                tests/test_checksums.py tests/test_host_path.py ;;
     loopback) step_test loopback 150 30 tests/test_nccl_pipeline_loopback.py -k "not cancel_mid_pull" ;;

@@ -63,6 +63,8 @@ TARGETS = {
     "ipc pull 16 tokens: call -> done (wait())": (60.0, "<="),
     "nccl stand-in: decode host us per chunk": (30.0, "<="),
     "nccl stand-in: prefill host us per chunk": (30.0, "<="),
+    "nccl stand-in: decode host CPU us per chunk": (30.0, "<="),
+    "nccl stand-in: prefill host CPU us per chunk": (30.0, "<="),
     "nccl stand-in: 512 MiB pull / summed kernel GPU time": (1.10, "<="),
 }
 
@@ -420,7 +422,8 @@ def part_e(report: Report, args, src, dst) -> None:
     from kvlink.plan import box_payload_bytes, plan_chunks
     from kvlink.selection import select
 
-    config = EndpointConfig(transport="nccl", nccl_wire="loopback", timeout=args.timeout)
+    # from_env: KVLINK_PROFILE_PROGRESS profiles both progress threads (benchmarks/gpu_one_gpu_session.sh)
+    config = EndpointConfig.from_env(transport="nccl", nccl_wire="loopback", timeout=args.timeout)
     num_tokens = 256 * SHAPE["block_size"]
     gen = torch.Generator().manual_seed(SEED + 4)
     waiter = EventWaiter()
@@ -451,7 +454,11 @@ def part_e(report: Report, args, src, dst) -> None:
                 n = a.get(f"{side}_chunks", 0) - b.get(f"{side}_chunks", 0)
                 seconds = a.get(f"{side}_seconds", 0.0) - b.get(f"{side}_seconds", 0.0)
                 wire = a.get(f"{side}_wire_seconds", 0.0) - b.get(f"{side}_wire_seconds", 0.0)
+                cpu = a.get(f"{side}_cpu_seconds", 0.0) - b.get(f"{side}_cpu_seconds", 0.0)
                 label = "" if tokens_each == num_tokens else f", {tokens_each}-token pulls"
+                report.add(f"nccl stand-in: {side} host CPU us per chunk{label}", value=cpu / max(n, 1) * 1e6,
+                           note="the thread's CPU time: the wall time less its waits for the GIL (both sides "
+                                "share one process here) or the OS")
                 report.add(f"nccl stand-in: {side} host us per chunk{label}", value=seconds / max(n, 1) * 1e6,
                            note=f"{n} chunks ({chunks} a pull), the wire's calls included")
                 report.add(f"nccl stand-in: {side} host us per chunk without the wire calls{label}",

@@ -537,6 +537,71 @@ __global__ void __launch_bounds__(THREADS) kvlink_unpack_fp8_vec(
     }
 }
 
+// A chunk's payload checksum (kvlink/wire.py: payload_checksum_numpy): over the payload's
+// little-endian 32-bit words w_i (the last one zero-padded), s1 = sum w_i and s2 = sum i * w_i
+// (i from 1), both mod 2^32, folded as s1 ^ rotl(s2, 16). Sums mod 2^32 do not depend on the
+// order of their terms, so each block adds its part atomically into scratch[0..1], and the last
+// block to finish (scratch[2] counts them) folds the result and zeroes the scratch for the next
+// chunk. No temporary memory: the pipeline runs it with GPU waits queued behind host work still
+// to come, where an allocation could wait for them. VERIFY = 0 writes the checksum into the
+// header's checksum word; VERIFY = 1 compares it with that word and, when they differ, spoils
+// the magic word (the unpack then refuses the chunk whole) and sets *bad to 1.
+template <int VERIFY>
+__global__ void __launch_bounds__(THREADS) kvlink_checksum(
+    u64 chunk_address, u64 payload_offset, u64 payload_bytes, u64 checksum_offset, u64 scratch_address,
+    u64 bad_address) {
+    unsigned char* chunk = reinterpret_cast<unsigned char*>(chunk_address);
+    const unsigned char* payload = chunk + payload_offset;
+    u32* scratch = reinterpret_cast<u32*>(scratch_address);
+    const u64 words = (payload_bytes + 3) / 4;
+    const bool aligned = (reinterpret_cast<u64>(payload) & 3) == 0;
+    u32 s1 = 0, s2 = 0;
+    for (u64 i = blockIdx.x * (u64)THREADS + threadIdx.x; i < words; i += (u64)gridDim.x * THREADS) {
+        u32 w = 0;
+        if (aligned && 4 * i + 4 <= payload_bytes) {
+            w = reinterpret_cast<const u32*>(payload)[i];
+        } else {
+            for (u64 b = 0; b < 4 && 4 * i + b < payload_bytes; ++b) w |= (u32)payload[4 * i + b] << (8 * b);
+        }
+        s1 += w;
+        s2 += w * (u32)(i + 1);
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        s1 += __shfl_down_sync(0xffffffffu, s1, offset);
+        s2 += __shfl_down_sync(0xffffffffu, s2, offset);
+    }
+    __shared__ u32 warp_s1[THREADS / 32], warp_s2[THREADS / 32];
+    if ((threadIdx.x & 31) == 0) {
+        warp_s1[threadIdx.x >> 5] = s1;
+        warp_s2[threadIdx.x >> 5] = s2;
+    }
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    for (int w = 1; w < THREADS / 32; ++w) {
+        warp_s1[0] += warp_s1[w];
+        warp_s2[0] += warp_s2[w];
+    }
+    atomicAdd(&scratch[0], warp_s1[0]);
+    atomicAdd(&scratch[1], warp_s2[0]);
+    __threadfence();  // our sums are visible before our count
+    if (atomicAdd(&scratch[2], 1u) != gridDim.x - 1) return;  // not the last block to finish
+    __threadfence();
+    const u32 sum1 = atomicExch(&scratch[0], 0u), sum2 = atomicExch(&scratch[1], 0u);
+    atomicExch(&scratch[2], 0u);
+    const u32 checksum = sum1 ^ ((sum2 << 16) | (sum2 >> 16));
+    unsigned char* word = chunk + checksum_offset;
+    if (!VERIFY) {
+        for (int b = 0; b < 4; ++b) word[b] = (unsigned char)(checksum >> (8 * b));
+        return;
+    }
+    u32 stored = 0;
+    for (int b = 0; b < 4; ++b) stored |= (u32)word[b] << (8 * b);
+    if (stored != checksum) {
+        for (int b = 0; b < 4; ++b) chunk[b] ^= 0x55;  // the magic word, XOR 0x55555555
+        *reinterpret_cast<volatile u32*>(bad_address) = 1;
+    }
+}
+
 // The instantiations the library compiles and launches are listed once, in
 // kvlink/kernels.py:KERNEL_NAMES (NVRTC name expressions); kvlink/compile_check.py compiles
 // every one of them offline and checks each is in the cubin.

@@ -57,6 +57,39 @@ def libcuda():
     # CUresult cuDevicePrimaryCtxRetain(CUcontext* pctx, CUdevice dev); cuCtxSetCurrent(CUcontext ctx)
     lib.cuDevicePrimaryCtxRetain.argtypes = [ctypes.POINTER(void_p), ctypes.c_int]
     lib.cuCtxSetCurrent.argtypes = [void_p]
+    # CUresult cuMemsetD32Async(CUdeviceptr dstDevice, unsigned int ui, size_t N, CUstream hStream)
+    lib.cuMemsetD32Async.argtypes = [u64, uint, ctypes.c_size_t, void_p]
+    # CUresult cuMemcpyDtoHAsync_v2(void* dstHost, CUdeviceptr srcDevice, size_t ByteCount, CUstream hStream)
+    lib.cuMemcpyDtoHAsync_v2.argtypes = [void_p, u64, ctypes.c_size_t, void_p]
+    # CUresult cuFuncGetAttribute(int* pi, CUfunction_attribute attrib, CUfunction hfunc)
+    lib.cuFuncGetAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, void_p]
+    if hasattr(lib, "cuFuncLoad"):  # CUDA 12.4+: CUresult cuFuncLoad(CUfunction function)
+        lib.cuFuncLoad.argtypes = [void_p]
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def queueing():
+    """libcuda again, for the calls that only queue work on a stream (records, waits, launches,
+    memsets, copies, stream memory operations): called with the GIL held.
+
+    NOTE: a ctypes CDLL call releases the GIL and takes it back after. With another Python thread
+    busy (the peer's progress thread, on the stand-in wire; an engine's scheduler) each call of a
+    pipeline's dozen a chunk then hands the GIL over and waits to get it back: tens of
+    microseconds each, measured on an H200 host. These calls return at once; torch makes its own
+    launches and records with the GIL held too.
+    """
+    libcuda()  # the error message of a missing driver
+    lib = ctypes.PyDLL("libcuda.so.1")
+    u64, u32, void_p, uint = ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint
+    lib.cuStreamWaitValue32_v2.argtypes = [void_p, u64, u32, uint]
+    lib.cuStreamWriteValue32_v2.argtypes = [void_p, u64, u32, uint]
+    lib.cuLaunchKernel.argtypes = [void_p, uint, uint, uint, uint, uint, uint, uint, void_p, void_p, void_p]
+    lib.cuEventRecord.argtypes = [void_p, void_p]
+    lib.cuStreamWaitEvent.argtypes = [void_p, void_p, uint]
+    lib.cuMemcpyDtoDAsync_v2.argtypes = [u64, u64, ctypes.c_size_t, void_p]
+    lib.cuMemsetD32Async.argtypes = [u64, uint, ctypes.c_size_t, void_p]
+    lib.cuMemcpyDtoHAsync_v2.argtypes = [void_p, u64, ctypes.c_size_t, void_p]
     return lib
 
 
@@ -88,7 +121,7 @@ def launch_kernel(function: int, grid: int, threads: int, args: tuple[int, ...],
     """
     values = [ctypes.c_uint64(a) for a in args]
     pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-    check(libcuda().cuLaunchKernel(function, grid, 1, 1, threads, 1, 1, 0, stream, pointers, None), "cuLaunchKernel")
+    check(queueing().cuLaunchKernel(function, grid, 1, 1, threads, 1, 1, 0, stream, pointers, None), "cuLaunchKernel")
 
 
 class ParamBuffer:
@@ -119,7 +152,7 @@ def param_buffer(size: int) -> ParamBuffer:
 
 def launch_with_params(function: int, grid: int, threads: int, params: ParamBuffer, stream: int) -> None:
     """cuLaunchKernel of a kernel whose one parameter is the struct in ``params`` (passed by value)."""
-    result = libcuda().cuLaunchKernel(function, grid, 1, 1, threads, 1, 1, 0, stream, params.pointers, None)
+    result = queueing().cuLaunchKernel(function, grid, 1, 1, threads, 1, 1, 0, stream, params.pointers, None)
     if result:
         check(result, "cuLaunchKernel")
 
@@ -172,11 +205,11 @@ class RawEvent:
     __slots__ = ("handle", "_record", "_wait")
 
     def __init__(self):
-        lib = libcuda()
         event = ctypes.c_void_p()
-        check(lib.cuEventCreate(ctypes.byref(event), EVENT_DISABLE_TIMING), "cuEventCreate")
+        check(libcuda().cuEventCreate(ctypes.byref(event), EVENT_DISABLE_TIMING), "cuEventCreate")
         self.handle = event.value
-        self._record, self._wait = lib.cuEventRecord, lib.cuStreamWaitEvent  # looked up once: called per chunk
+        queue = queueing()
+        self._record, self._wait = queue.cuEventRecord, queue.cuStreamWaitEvent  # looked up once: called per chunk
 
     def record(self, stream: int) -> None:
         """Queue the event on ``stream`` (a CUstream handle): it fires after the stream's prior work."""
@@ -193,20 +226,55 @@ class RawEvent:
 
 def memcpy_async(dst: int, src: int, nbytes: int, stream: int) -> None:
     """Queue a device-to-device copy of ``nbytes`` on ``stream`` (any two device addresses)."""
-    result = libcuda().cuMemcpyDtoDAsync_v2(dst, src, nbytes, stream)
+    result = queueing().cuMemcpyDtoDAsync_v2(dst, src, nbytes, stream)
     if result:
         check(result, "cuMemcpyDtoDAsync")
 
 
+def memset32_async(address: int, value: int, count: int, stream: int) -> None:
+    """Queue on ``stream``: set ``count`` int32 words at device ``address`` to ``value`` (a driver
+    memset: no kernel of torch's or ours, so nothing is loaded on first use)."""
+    result = queueing().cuMemsetD32Async(address, value & 0xFFFFFFFF, count, stream)
+    if result:
+        check(result, "cuMemsetD32Async")
+
+
+def copy_to_host_async(host_address: int, device_address: int, nbytes: int, stream: int) -> None:
+    """Queue on ``stream``: copy ``nbytes`` from the device to (pinned) host memory."""
+    result = queueing().cuMemcpyDtoHAsync_v2(host_address, device_address, nbytes, stream)
+    if result:
+        check(result, "cuMemcpyDtoHAsync")
+
+
+CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK = 0
+
+
+def load_function(function: int) -> None:
+    """Finish loading a kernel now rather than at its first launch.
+
+    NOTE: under lazy module loading (CUDA_MODULE_LOADING=LAZY, torch's default) the first launch
+    of a kernel loads it, and loading may synchronize the context. A first launch from a thread
+    that must still queue the work some stream is waiting for (a receive's send, on the stand-in
+    wire) then never returns: kvlink loads every kernel it launches when it prepares a layout.
+    """
+    lib = libcuda()
+    if hasattr(lib, "cuFuncLoad"):
+        check(lib.cuFuncLoad(function), "cuFuncLoad")
+    else:  # older drivers: querying an attribute loads the function
+        value = ctypes.c_int()
+        check(lib.cuFuncGetAttribute(ctypes.byref(value), CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, function),
+              "cuFuncGetAttribute")
+
+
 def stream_wait_value(stream: int, address: int, value: int) -> None:
     """Queue on ``stream``: wait until the int32 at ``address`` reaches ``value`` (cyclic >=)."""
-    result = libcuda().cuStreamWaitValue32_v2(stream, address, value & 0xFFFFFFFF, WAIT_VALUE_GEQ)
+    result = queueing().cuStreamWaitValue32_v2(stream, address, value & 0xFFFFFFFF, WAIT_VALUE_GEQ)
     if result:
         check(result, "cuStreamWaitValue32")
 
 
 def stream_write_value(stream: int, address: int, value: int) -> None:
     """Queue on ``stream``: write ``value`` to the int32 at ``address`` after the stream's prior work."""
-    result = libcuda().cuStreamWriteValue32_v2(stream, address, value & 0xFFFFFFFF, WRITE_VALUE_DEFAULT)
+    result = queueing().cuStreamWriteValue32_v2(stream, address, value & 0xFFFFFFFF, WRITE_VALUE_DEFAULT)
     if result:
         check(result, "cuStreamWriteValue32")

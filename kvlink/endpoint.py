@@ -63,9 +63,9 @@ class Endpoint:
         timeout: seconds any wait may take before it fails with an error naming the peer.
         heartbeat: seconds between heartbeats on every link.
         max_ctas: thread blocks pack/unpack may use while NCCL runs (default ``KVLINK_MAX_CTAS`` or 64).
-        ipc_max_ctas: thread blocks of an ipc pull's copy kernel (default ``KVLINK_IPC_MAX_CTAS`` or
-            264; 0 = one per tile): remote reads are latency-bound, so the copy needs more blocks
-            in flight than pack/unpack to fill NVLink.
+        ipc_max_ctas: thread blocks of an ipc pull's copy kernel (default ``KVLINK_IPC_MAX_CTAS``,
+            else by where the source lies: 264 looping over the tiles when it is another GPU's
+            memory, whose reads are latency-bound; one per tile on our own GPU; 0 = one per tile).
         max_links: most live links (each NCCL link holds a communicator, ~100-250 MiB of GPU
             memory); a peer past the bound is refused at the handshake, naming the bound.
         secret: shared secret (str or bytes; default ``KVLINK_SECRET``): when set, the handshake

@@ -10,7 +10,7 @@ the transports call (no one writes a handle's fields from outside):
     _started_on_host()                      the pull is under way with no GPU event (host transport)
     _landed()                               one more chunk is in the destination blocks
     _finish(error, ...)                     complete it, once; later calls are no-ops
-    _ended(), _elapsed(), _gpu_work_done()  whether it is complete, its age, whether its GPU work ran
+    _ended(), _elapsed()                    whether it is complete, its age
 
 ``_op`` is the transport's own record of the pull (given at construction, opaque here).
 """
@@ -192,6 +192,13 @@ class TransferHandle:
                 self._finish(error, untouched, kind=kind)
         return self._finished.is_set()
 
+    def gpu_idle(self) -> bool:
+        """True when no GPU work of this pull can still write the destination blocks. A cancelled
+        or failed pull is done at once, but copies it had queued may still run: reuse its blocks
+        once this holds (always true on the host transport)."""
+        event = self._event
+        return event is None or bool(event.query())
+
     def wait(self, timeout: float | None = None) -> TransferHandle:
         """Block until done; raise the transfer's error, or KVLinkTimeout (a TimeoutError) naming
         request and peer."""
@@ -255,9 +262,6 @@ class TransferHandle:
 
     def _elapsed(self) -> float:
         return time.perf_counter() - self._started
-
-    def _gpu_work_done(self) -> bool:
-        return self._event is not None and self._event.query()
 
     def _started_on_host(self) -> None:
         self._enqueued.set()

@@ -55,6 +55,8 @@ def _instantiations():
             yield f"kvlink_{kind}", (code,)
             for lanes in FP8_VEC_LANES:
                 yield f"kvlink_{kind}_vec", (code, lanes)
+    for verify in (0, 1):  # a chunk's payload checksum: written (0) or checked (1)
+        yield "kvlink_checksum", (verify,)
 
 
 def name_expression(template: str, args: tuple[int, ...]) -> str:
@@ -492,12 +494,62 @@ def _cupy_stream(stream: torch.cuda.Stream, device_index: int):
 def prepare(layout, stream: torch.cuda.Stream) -> None:
     """One-time setup off the critical path: compile the kernels, upload the plane table, make the stream's metadata ring."""
     device_index = layout.device.index
-    for name in KERNEL_NAMES:
-        _kernel(device_index, name)
+    _load_kernels(device_index)
     _plane_table(layout)
     key = (device_index, stream.cuda_stream)
     if key not in _RINGS:
         _RINGS[key] = _MetadataRing(device_index)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_kernels(device_index: int) -> None:
+    """Compile the module and load every kernel of it now (see cuda_driver.load_function: a
+    lazily loaded kernel's first launch may synchronize the context)."""
+    import logging
+
+    for name in KERNEL_NAMES:
+        _kernel(device_index, name)
+    try:
+        with _on_device(device_index):
+            cuda_driver.ensure_context(device_index)
+            for name in KERNEL_NAMES:
+                function = _function_handle(device_index, name)
+                if function is not None:
+                    cuda_driver.load_function(function)
+    except cuda_driver.CudaDriverError as exc:
+        logging.getLogger("kvlink").warning("kvlink: kernels left to load at first launch (%s)", exc)
+
+
+CHECKSUM_MAX_CTAS_PER_SM = 4
+
+
+def prepare_checksums(device_index: int) -> None:
+    """Compile and load the kernels (the checksum's among them) for launch_checksum."""
+    _load_kernels(device_index)
+
+
+def _checksum_kernel(verify: bool) -> str:
+    return kernel_name("kvlink_checksum", 1 if verify else 0)
+
+
+def launch_checksum(device_index: int, chunk_address: int, payload_offset: int, payload_bytes: int,
+                    checksum_offset: int, scratch_address: int, stream_handle: int, *, verify_into: int = 0) -> None:
+    """Queue the payload checksum of the chunk at ``chunk_address`` (csrc: kvlink_checksum):
+    written into its header, or, given ``verify_into`` (the address of an int32 flag), checked
+    against it: a mismatch spoils the chunk's magic word and sets the flag. ``scratch_address``:
+    three int32 words, zero, that no other checksum uses meanwhile (left zero after)."""
+    name = _checksum_kernel(bool(verify_into))
+    words = -(-payload_bytes // 4)
+    grid = max(1, min(-(-words // THREADS), CHECKSUM_MAX_CTAS_PER_SM * _sm_count(device_index)))
+    args = (chunk_address, payload_offset, payload_bytes, checksum_offset, scratch_address, verify_into)
+    function = _function_handle(device_index, name)
+    if function is None:
+        import cupy
+
+        with cupy.cuda.Device(device_index), cupy.cuda.ExternalStream(stream_handle):
+            _kernel(device_index, name)((grid,), (THREADS,), tuple(np.uint64(a) for a in args))
+        return
+    cuda_driver.launch_kernel(function, grid, THREADS, args, stream_handle)
 
 
 # The inline pack/unpack kernels (metadata as the launch's parameter): on unless KVLINK_INLINE_LAUNCH=0;

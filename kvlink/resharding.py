@@ -184,6 +184,10 @@ class ReshardedPull:
     def cancel(self, timeout: float | None = None) -> bool:
         return any([h.cancel(timeout) for h in self.handles])  # noqa: C419 - cancel every pull, not just the first
 
+    def gpu_idle(self) -> bool:
+        """True when no GPU work of any of the pulls can still write the destination blocks."""
+        return all(h.gpu_idle() for h in self.handles)
+
     def current_stream_wait(self, stream=None) -> None:
         """Make ``stream`` (default: the current one) wait on the GPU for every pull (see
         TransferHandle.current_stream_wait)."""

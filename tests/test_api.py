@@ -71,6 +71,7 @@ def test_an_explicit_config_is_taken_as_given_and_keywords_override_it(monkeypat
     (dict(transport="carrier-pigeon"), "transport must be one of"),
     (dict(wire_dtype="int4"), "wire_dtype must be one of"),
     (dict(nccl_wire="smoke-signals"), "nccl_wire must be one of"),
+    (dict(ipc_max_ctas=-1), "ipc_max_ctas must be None"),
 ])
 def test_bad_settings_are_refused_naming_the_setting(settings, match):
     with pytest.raises(kvlink.InvalidArgument, match=match) as info:
@@ -173,7 +174,7 @@ def test_stream_ordering_on_a_cpu_cache(linked):
             decode.pull(peer, "s", [1], [1], 4, stream=torch.cuda.current_stream())
     handle = decode.pull(peer, "waited", [4, 5], [6, 7], 8)
     handle.current_stream_wait()
-    assert handle.done() and handle.dst_state == "complete"
+    assert handle.done() and handle.dst_state == "complete" and handle.gpu_idle()  # no GPU work at all
     assert torch.equal(packed(dst, [6, 7], 8), packed(src, [4, 5], 8))
     decode.set_remote_view(peer, num_blocks=1000)
     refused = decode.pull(peer, "refused", [999], [8], 4)
@@ -195,7 +196,7 @@ def test_a_resharded_pull_has_the_interface_of_one_handle():
         pull.current_stream_wait()
         pull.wait(5)
         assert pull.done() and pull.dst_state is DstState.COMPLETE and pull.error is None
-        assert pull.event is None  # the host transport has no CUDA event
+        assert pull.event is None and pull.gpu_idle()  # the host transport has no CUDA event
         assert pull.stats.payload_bytes == pull.payload_bytes == 8 * dst.bytes_per_token
         assert pull.stats.chunks == sum(h.stats.chunks for h in pull.handles) and pull.stats.GBps > 0
         for rank, cache in enumerate(caches):

@@ -1,5 +1,6 @@
-"""End-to-end payload checksums (CPU, runs in CI): the function itself, and a corrupted chunk
-on the host transport that must be caught before it is unpacked."""
+"""End-to-end payload checksums: the function itself, a corrupted chunk on the host transport
+that must be caught before it is unpacked (CPU, runs in CI), and the GPU checksum kernel of the
+NCCL pipeline against the same function (skipped without a GPU)."""
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 import kvlink
 from kvlink.wire import payload_checksum_numpy, payload_checksum_torch
+from markers import requires_gpu
 
 SHAPE = dict(num_layers=2, num_blocks=64, block_size=8, num_heads=2, head_dim=16)
 
@@ -78,3 +80,56 @@ def test_a_chunk_corrupted_on_the_way(generator, checksum):
         else:
             handle.wait(5)
             assert not torch.equal(packed(dst, [4, 5, 6], 20), packed(src, [1, 2, 3], 20))
+
+
+@requires_gpu
+@pytest.mark.parametrize("size", [1, 3, 4, 5, 4097, 262_139, 1 << 22])
+def test_the_gpu_checksum_kernel_writes_and_checks_what_numpy_computes(size):
+    """kvlink_checksum (the NCCL pipeline's, no temporaries): written into the header, it equals
+    the numpy checksum; checked, an intact chunk passes and keeps its magic, a chunk with one
+    byte flipped loses its magic and sets the flag; its scratch is left zero for the next."""
+    from kvlink import kernels
+    from kvlink.wire import CHECKSUM_OFFSET, HEADER_BYTES, MAGIC
+
+    rng = np.random.default_rng(size)
+    stream = torch.cuda.current_stream()
+    chunk = torch.from_numpy(rng.integers(0, 256, HEADER_BYTES + size + 4, dtype=np.uint8)).cuda()
+    chunk[:4] = torch.frombuffer(bytearray(MAGIC), dtype=torch.uint8).cuda()
+    scratch = torch.zeros(3, dtype=torch.int32, device="cuda")
+    flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+    kernels.prepare_checksums(0)
+
+    def run(verify: bool):
+        kernels.launch_checksum(0, chunk.data_ptr(), HEADER_BYTES, size, CHECKSUM_OFFSET, scratch.data_ptr(),
+                                stream.cuda_stream, verify_into=flag.data_ptr() if verify else 0)
+        torch.cuda.synchronize()
+        assert not scratch.any(), "the scratch words must be left zero"
+
+    run(verify=False)
+    host = chunk.cpu().numpy()
+    assert int(host[CHECKSUM_OFFSET:HEADER_BYTES].view("<u4")[0]) == payload_checksum_numpy(host[HEADER_BYTES:][:size])
+    tail = host[HEADER_BYTES + size:].copy()
+    run(verify=True)
+    assert int(flag) == 0 and bytes(chunk[:4].cpu().numpy()) == MAGIC
+    assert np.array_equal(chunk.cpu().numpy()[HEADER_BYTES + size:], tail), "bytes past the payload changed"
+    chunk[HEADER_BYTES + size - 1] ^= 0x01
+    run(verify=True)
+    assert int(flag) == 1 and bytes(chunk[:4].cpu().numpy()) != MAGIC
+
+
+@requires_gpu
+def test_the_gpu_checksum_kernel_reads_unaligned_payloads():
+    from kvlink import kernels
+    from kvlink.wire import CHECKSUM_OFFSET, HEADER_BYTES
+
+    rng = np.random.default_rng(7)
+    base = torch.from_numpy(rng.integers(0, 256, 4096, dtype=np.uint8)).cuda()
+    scratch = torch.zeros(3, dtype=torch.int32, device="cuda")
+    kernels.prepare_checksums(0)
+    for offset, size in ((1, 1001), (2, 2046), (3, 7)):
+        chunk = base[offset:]
+        kernels.launch_checksum(0, chunk.data_ptr(), HEADER_BYTES, size, CHECKSUM_OFFSET, scratch.data_ptr(),
+                                torch.cuda.current_stream().cuda_stream)
+        host = chunk.cpu().numpy()
+        assert int(host[CHECKSUM_OFFSET:HEADER_BYTES].view("<u4")[0]) == \
+            payload_checksum_numpy(host[HEADER_BYTES:HEADER_BYTES + size]), (offset, size)

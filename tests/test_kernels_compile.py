@@ -82,7 +82,7 @@ def _layout(dtype, head_dim, heads=1):
 
 
 def _launcher_choices() -> set[str]:
-    """The kernel names launch() and launch_copy() pick, over dtypes, wire dtypes, alignments and row shapes."""
+    """The kernel names launch(), launch_copy() and launch_checksum() pick, over dtypes, wire dtypes, alignments and row shapes."""
     chosen = set()
     chunk_ptrs = [4096 + offset for offset in (0, 1, 2, 4, 8, 16)]  # chunk alignment bounds the vector width
     for dtype in DTYPE_CODES:
@@ -102,6 +102,7 @@ def _launcher_choices() -> set[str]:
                 sel = with_wire(select(_layout(dtype, head_dim), [0, 1], 8), "fp8", role=role)
                 for chunk_ptr in (4096, 4100):  # 16-byte aligned (vectorized) or not (generic)
                     chosen.add(kernels._launch_plan(kind, sel, chunk_ptr, kind == "unpack")[0])
+    chosen.update(kernels._checksum_kernel(verify) for verify in (False, True))
     return chosen
 
 

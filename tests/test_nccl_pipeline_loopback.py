@@ -27,6 +27,24 @@ CHUNK = 256 * 1024  # small slots: a request is many chunks, and 3 slots are reu
 BOUND = 20.0
 
 
+@pytest.fixture(autouse=True)
+def torch_kernels_loaded():
+    """Load the torch kernels these tests run on the GPU before any pull is queued.
+
+    Under lazy module loading a kernel's first launch may synchronize the context to load it;
+    with a stand-in receive waiting for a send that this process's progress thread has still to
+    queue, and the launching thread holding the GIL that thread needs, it would never return
+    (kvlink/transports/loopback_wire.py). kvlink's own kernels are loaded when an endpoint starts.
+    """
+    for dtype in (torch.uint8, torch.int16, torch.bfloat16, torch.float16):
+        values = torch.zeros(16, 4, dtype=dtype, device="cuda:0")
+        values.fill_(1)
+        mask = torch.ones(16, dtype=torch.bool, device="cuda:0")
+        mask[2:4] = False
+        assert torch.equal(values.clone()[mask], values[mask])
+    torch.cuda.synchronize()
+
+
 def config(**settings) -> EndpointConfig:
     return EndpointConfig(transport="nccl", nccl_wire="loopback", chunk_bytes=CHUNK, timeout=BOUND, **settings)
 
@@ -84,8 +102,9 @@ def test_many_concurrent_pulls_of_random_sizes(pair, generator):
         src_ids = torch.randperm(src.num_blocks, generator=generator)[: -(-num_tokens // 16)].tolist()
         dst_ids = [dst_free.pop() for _ in range(-(-num_tokens // 8))]
         pulls.append((decode.pull(peer, f"r{i}", src_ids, dst_ids, num_tokens), src_ids, dst_ids, num_tokens))
-    for handle, src_ids, dst_ids, num_tokens in pulls:
+    for handle, *_ in pulls:  # every pull lands before this thread runs a kernel of its own
         handle.wait(BOUND)
+    for handle, src_ids, dst_ids, num_tokens in pulls:
         assert torch.equal(packed(dst, dst_ids, num_tokens), packed(src, src_ids, num_tokens)), handle.request
     deadline = time.monotonic() + BOUND
     confirmed = []

@@ -54,6 +54,19 @@ def decode(prefill, generator):
         yield endpoint, peer, engine, layout
 
 
+def test_the_copy_grid_follows_where_the_source_lies(prefill, decode, generator):
+    """Reads of another GPU's memory take a grid of IPC_CROSS_GPU_CTAS blocks; on one GPU one
+    block per tile (0); a configured bound wins either way."""
+    from kvlink.config import IPC_CROSS_GPU_CTAS
+    endpoint, *_ = decode
+    expected = IPC_CROSS_GPU_CTAS if decode_device() != "cuda:0" else 0
+    assert endpoint.links()[0]["copy_ctas"] == expected
+    _, layout = kvlink.presets.allocate(DST_PRESET, device=decode_device(), **DST_SHAPE)
+    with kvlink.Endpoint(layout, name="decode-132", listen=None, timeout=20, ipc_max_ctas=132) as bounded:
+        bounded.connect(prefill.address)
+        assert bounded.links()[0]["copy_ctas"] == 132
+
+
 def test_large_request_is_one_copy_kernel(prefill, mirror, decode, generator):
     """Block size 16 -> 8 and NHD -> HND in the same kernel; the engine orders on the event."""
     endpoint, peer, _, layout = decode

@@ -1078,7 +1078,7 @@ class KVLinkWorker:
                         pass
                     except Exception:  # noqa: BLE001
                         log.debug("kvlink: cancel of request %s failed", spec.request_id, exc_info=True)
-        if not all(h.done() and _gpu_work_done(h) for h in handles):
+        if not all(h.done() and h.gpu_idle() for h in handles):
             return  # a pull still writes our blocks
         errors = [h.error for h in handles if h.error is not None]
         if errors and not load.aborted:
@@ -1121,7 +1121,7 @@ class KVLinkWorker:
     def _hand_over(self, load: _Load) -> None:
         """The load is over (done, failed or aborted): report it and make sure every prefill rank hears."""
         spec = load.spec
-        if any(c.handle is not None and not (c.handle.done() and _gpu_work_done(c.handle)) for c in load.contacts):
+        if any(c.handle is not None and not (c.handle.done() and c.handle.gpu_idle()) for c in load.contacts):
             return  # a pull still writes our blocks: not before it ends
         del self._loads[spec.request_id]
         self._recved.add(spec.request_id)
@@ -1234,13 +1234,6 @@ class KVLinkWorker:
         if self.endpoint is not None:
             self.endpoint.close()
             self.endpoint = None
-
-
-def _gpu_work_done(handle) -> bool:
-    """Whether nothing queued on the GPU still writes a finished pull's blocks (a cancel ends the
-    handle at once; the copies it had queued may still run)."""
-    event = getattr(handle, "_event", None)
-    return event is None or bool(event.query())
 
 
 # ====================================================================== the connector

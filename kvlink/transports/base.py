@@ -288,12 +288,15 @@ class ChunkedTransport(Transport):
 
 @dataclass
 class ChunkedPull:
-    """Decode side: a chunked pull's plan (and, on the host transport, the chunks unpacked so far)."""
+    """Decode side: a chunked pull's plan, and its progress: the chunks unpacked so far (host
+    transport), its status words and what they said (nccl)."""
 
     req: PullRequest
     src_ids: np.ndarray
     boxes: list
     chunks_done: int = 0
+    status: object = None
+    status_read: tuple | None = None
 
 
 def _not_started(handle, exc: Exception) -> None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvlink import control, cuda_driver, ipc
+from kvlink.config import IPC_CROSS_GPU_CTAS
 from kvlink.errors import TransferError, TransferRefused
 from kvlink.kernels import _on_device, launch_copy
 from kvlink.layout import PeerLayout
@@ -50,6 +51,7 @@ class DecodeLink:
     stream: torch.cuda.Stream        # plain pulls' copies
     layer_stream: torch.cuda.Stream  # layer-wise pulls' copies (they may wait on the GPU)
     owner: str | None = None  # how errors name the peer's cache (made at the first pull)
+    max_ctas: int | None = None  # the copy kernel's grid bound (None: one block per tile)
     # pulls on each stream in the order queued: one completes only after those before it
     plain: collections.deque = field(default_factory=collections.deque)
     layered: collections.deque = field(default_factory=collections.deque)
@@ -156,7 +158,7 @@ class IpcTransport(Transport):
             peer_layout = PeerLayout.from_description(welcome["layout"], export["strides"], memory.addresses,
                                                       self.layout.device)
             state = DecodeLink(peer_layout, memory, torch.cuda.Stream(self.layout.device),
-                               torch.cuda.Stream(self.layout.device))
+                               torch.cuda.Stream(self.layout.device), max_ctas=self._copy_ctas(export))
             for stream in (state.stream, state.layer_stream):  # plane table and metadata rings now,
                 prepare(peer_layout, stream)                    # not on the first pull
         except (ipc.IPCError, KeyError, TypeError, ValueError) as exc:
@@ -165,13 +167,31 @@ class IpcTransport(Transport):
             raise TransportUnavailable(f"CUDA IPC failed: {exc}") from exc
         return state
 
+    def link_info(self, link) -> dict:
+        info = super().link_info(link)
+        if link.role == "decode" and link.state is not None:
+            info["copy_ctas"] = link.state.max_ctas or 0  # 0: one thread block per tile
+        return info
+
+    def _copy_ctas(self, export: dict) -> int | None:
+        """The copy kernel's grid bound for a link whose source cache ``export`` describes."""
+        configured = self.config.ipc_max_ctas
+        if configured is not None:
+            return configured or None
+        same_gpu = export.get("device_uuid") == str(torch.cuda.get_device_properties(self.ctx.device_index).uuid)
+        return None if same_gpu else IPC_CROSS_GPU_CTAS
+
     def counters(self) -> dict:
         """Layer-wise pulls deferred so far: their copies waited on the host for the GPU queue."""
         return {"layerwise_deferred": self._deferred_total} if self._counters is not None else {}
 
     def describe(self, link) -> str:
-        return (f"transport ipc (CUDA IPC on one host: the decode GPU reads the prefill GPU's blocks directly over "
+        text = (f"transport ipc (CUDA IPC on one host: the decode GPU reads the prefill GPU's blocks directly over "
                 f"NVLink or PCIe; no staging, no communicator) on GPU {self.ctx.device_index}")
+        if link.role == "decode" and link.state is not None:
+            ctas = link.state.max_ctas
+            text += f", copy grid {'one block per tile' if ctas is None else f'{ctas} blocks'}"
+        return text
 
     # ------------------------------------------------------------------ decode side
     def prepare_pull(self, link, req):
@@ -203,7 +223,7 @@ class IpcTransport(Transport):
                 stream = state.stream
                 if req.after is not None:
                     stream.wait_event(req.after)  # pull(stream=): not before the caller's work
-                launch_copy(pull.src_sel, dst_sel, stream, max_ctas=self.config.ipc_max_ctas, stamps=stamps)
+                launch_copy(pull.src_sel, dst_sel, stream, max_ctas=state.max_ctas, stamps=stamps)
                 done = torch.cuda.Event()
                 done.record(stream)
                 layer_events = {}
@@ -252,7 +272,7 @@ class IpcTransport(Transport):
         for i, layer in enumerate(range(dst_sel.layer_start, dst_sel.layer_stop)):
             cuda_driver.stream_wait_value(stream.cuda_stream, address, base + i + 1)  # the prefill finished it
             launch_copy(pull.src_sel.box((layer, layer + 1), tokens), dst_sel.box((layer, layer + 1), tokens),
-                        stream, max_ctas=self.config.ipc_max_ctas)
+                        stream, max_ctas=state.max_ctas)
             layer_events[layer] = event = torch.cuda.Event()
             event.record(stream)
         done = torch.cuda.Event()
@@ -336,7 +356,8 @@ class IpcTransport(Transport):
             super().on_message(link, handle, kind, message, frames)
 
     def cancel(self, link, handle) -> None:
-        if not handle._ended() and handle._op.counter is None and handle._gpu_work_done():
+        if not handle._ended() and handle._op.counter is None and handle._event is not None and \
+                handle.gpu_idle():
             handle._finish()  # the copy had finished: nothing left to cancel
             return
         super().cancel(link, handle)

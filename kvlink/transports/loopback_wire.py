@@ -23,13 +23,16 @@ peer's sends and receives in order):
 ``done`` only grows: the copy of pair k+1 comes after both streams passed pair k. ``abort()``
 writes every flag to its last posted number, so no stream waits forever on a side that is gone.
 
-Known limit (seen on one H200, 2026-12-02): both sides live in one process, so a GPU wait of one
-side is released only by work that a host thread of the same process queues later. When a host
-thread meanwhile blocks in a CUDA allocation (torch's caching allocator growing a pool: a
-checksum's temporaries, a pull's status word), which waits behind those GPU waits, nothing
-queues that work: concurrent pulls, checksummed pulls and a mid-pull cancel deadlock here. A
-one-thread polling kernel in place of cuStreamWaitValue32 deadlocked the same way. Real NCCL
-between two GPUs releases a wait from the peer's own threads.
+What must not happen here: both sides live in one process, so a GPU wait of one side is
+released only by work that a host thread of this same process queues later. A host call that
+waits for the GPU meanwhile never returns: a CUDA allocation that synchronizes, or the first
+launch of a kernel under lazy module loading (CUDA_MODULE_LOADING=LAZY, torch's default),
+which may synchronize the context to load it (seen on one H200: the concurrent, checksummed and
+cancelled pulls deadlocked when the pipeline still made a torch allocation and ran torch's
+kernels per pull). So the pipeline makes no allocation and launches only kvlink's own kernels,
+all loaded when the endpoint prepares its layout; the zeroing here is a driver memset; and a
+test warms the torch kernels it runs itself before it queues pulls. Real NCCL between two GPUs
+releases a wait from the peer's own threads.
 """
 
 from __future__ import annotations
@@ -93,8 +96,9 @@ class LoopbackPair:
         self.ends_taken = 0
         self.lock = threading.Lock()
         side = torch.cuda.Stream(device)
-        with torch.cuda.stream(side):
-            self.flags = torch.zeros(3, dtype=torch.int32, device=device)
+        self.flags = torch.empty(3, dtype=torch.int32, device=device)
+        cuda_driver.ensure_context(device_index)
+        cuda_driver.memset32_async(self.flags.data_ptr(), 0, 3, side.cuda_stream)  # a driver memset: no kernel
         side.synchronize()  # zeroed before any stream waits on it
         self.addresses = [self.flags.data_ptr() + 4 * which for which in (SENDS, RECVS, DONE)]
         self.posted = [0, 0]  # calls posted per direction (0: send, 1: recv)

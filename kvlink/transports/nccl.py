@@ -27,6 +27,7 @@ pair replaced by a device copy ordered exactly as NCCL orders them.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import os
@@ -107,10 +108,75 @@ class _Slot:
     buffer: torch.Tensor
     free: object   # after the last read of the buffer
     ready: object  # after the chunk was written into it
+    scratch_address: int = 0  # three zero int32 words for the checksum kernel of the slot's chunk
     used: bool = False
 
     def __post_init__(self):
         self.address = self.buffer.data_ptr()
+
+
+class _StatusEntry:
+    """One pull's status words on the GPU, [unpack status, checksum failures], and their pinned
+    host copy."""
+
+    __slots__ = ("device", "device_address", "host", "host_address")
+
+    def __init__(self, device: torch.Tensor, host: torch.Tensor):
+        self.device, self.device_address = device, device.data_ptr()
+        self.host, self.host_address = host.numpy(), host.data_ptr()
+
+
+class _StatusWords:
+    """The decode side's per-pull status words, made a block at a time and reused.
+
+    NOTE: a pull's words were a device and a pinned allocation of its own; besides their host
+    cost, an allocation on the progress thread may wait for the GPU, whose receives wait for
+    sends still to be queued (on the stand-in wire, by a thread of this process). Every write of
+    an entry (its zeroing, the unpacks' and checksums' verdicts, the copy to the host) is queued
+    on the endpoint's one unpack stream, in pull order, so an entry can go back to the pool as
+    soon as nobody will read it: once its pull's verdict was read, or once the pull ended
+    without one (cancelled, link down); a later pull's writes of it come after.
+    """
+
+    BLOCK = 1024
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._free: collections.deque = collections.deque()
+        self._blocks = []  # keeps each block's memory alive
+        self._lock = threading.Lock()
+
+    def take(self) -> _StatusEntry:
+        try:
+            return self._free.popleft()
+        except IndexError:  # more pulls in flight than ever before: one more block
+            self.grow()
+            return self._free.popleft()
+
+    def grow(self) -> None:
+        device_block = torch.empty((self.BLOCK, 2), dtype=torch.int32, device=self.device)
+        host_block = torch.empty((self.BLOCK, 2), dtype=torch.int32, pin_memory=True)
+        self._blocks.append((device_block, host_block))
+        self._free.extend(_StatusEntry(device_block[i], host_block[i]) for i in range(self.BLOCK))
+
+    def read(self, op) -> tuple[int, int]:
+        """The words of ``op``'s entry, once its GPU work ran, read once (any thread); the entry
+        goes back to the pool."""
+        with self._lock:
+            if op.status_read is None:
+                entry, op.status = op.status, None
+                if entry is None:  # the pull ended meanwhile (settle): its outcome is set already
+                    return STATUS_OK, 0
+                op.status_read = (int(entry.host[0]), int(entry.host[1]))
+                self._free.append(entry)
+            return op.status_read
+
+    def settle(self, op) -> None:
+        """``op`` ended without its verdict read: its entry goes back to the pool."""
+        with self._lock:
+            entry, op.status = op.status, None
+            if entry is not None:
+                self._free.append(entry)
 
 
 @dataclass
@@ -135,11 +201,12 @@ class NcclTransport(ChunkedTransport):
         super().__init__(ctx)
         self._loopback = self.config.nccl_wire == "loopback"
         self._slots: list[_Slot] = []
+        self._status_words = _StatusWords(self.layout.device) if ctx.on_gpu else None
         self._slot_cursor = 0
         self._slot_lock = threading.Lock()
         self._pack_stream = self._unpack_stream = None
         self._counters = {f"{side}_{what}": 0 if what == "chunks" else 0.0 for side in ("decode", "prefill")
-                          for what in ("chunks", "seconds", "wire_seconds")}
+                          for what in ("chunks", "seconds", "cpu_seconds", "wire_seconds")}
         if ctx.on_gpu:
             self._pack_stream = torch.cuda.Stream(self.layout.device)
             self._unpack_stream = torch.cuda.Stream(self.layout.device)
@@ -205,21 +272,32 @@ class NcclTransport(ChunkedTransport):
     def _ensure_slots(self, chunk_bytes: int) -> None:
         with self._slot_lock:
             if not self._slots:
-                events = _slot_events(self.ctx.device_index, 2 * self.config.num_slots)
+                count = self.config.num_slots
+                events = _slot_events(self.ctx.device_index, 2 * count)
+                # zeroed by a driver memset: no kernel to load while a peer's receives may be queued
+                self._scratch = torch.empty(4 * count, dtype=torch.int32, device=self.layout.device)
+                with _on_device(self.ctx.device_index):
+                    cuda_driver.ensure_context(self.ctx.device_index)
+                    cuda_driver.memset32_async(self._scratch.data_ptr(), 0, 4 * count, self._pack_stream.cuda_stream)
+                self._pack_stream.synchronize()
+                self._status_words.grow()  # the first block, before any pull
                 self._slots = [_Slot(torch.empty(chunk_bytes + HEADER_BYTES, dtype=torch.uint8,
-                                                 device=self.layout.device), events[2 * i], events[2 * i + 1])
-                               for i in range(self.config.num_slots)]
+                                                 device=self.layout.device), events[2 * i], events[2 * i + 1],
+                                     self._scratch.data_ptr() + 16 * i)
+                               for i in range(count)]
 
     def counters(self) -> dict:
         """Host time of this endpoint's pipeline so far, per side: chunks queued, the seconds spent
-        queueing them (the wire calls included) and the seconds of those in the wire's send/recv
-        (none on a CPU cache, which never runs the pipeline)."""
+        queueing them (wall time, the wire calls included), the CPU time of the thread meanwhile
+        (the wall time less its waits for the GIL or the OS) and the seconds in the wire's
+        send/recv (none on a CPU cache, which never runs the pipeline)."""
         return dict(self._counters) if self.ctx.on_gpu else {}
 
-    def _count(self, side: str, chunks: int, seconds: float, wire_seconds: float) -> None:
+    def _count(self, side: str, chunks: int, seconds: float, cpu_seconds: float, wire_seconds: float) -> None:
         counters = self._counters
         counters[f"{side}_chunks"] += chunks
         counters[f"{side}_seconds"] += seconds
+        counters[f"{side}_cpu_seconds"] += cpu_seconds
         counters[f"{side}_wire_seconds"] += wire_seconds
 
     def _next_slot(self) -> _Slot:
@@ -231,25 +309,27 @@ class NcclTransport(ChunkedTransport):
     def receive(self, link, handle, op) -> None:
         """Post every receive of the pull, with the unpack of each chunk behind it, in one pass.
 
-        What the chunks share is made once: the status word, the unpack launcher holding the
-        request's block ids (kernels.BoxLauncher); a chunk adds its receive, two slot events, its
-        launch (Geometry and header only) and the slot's release.
+        What the chunks share is made once: the status words (from a pool), the unpack launcher
+        holding the request's block ids (kernels.BoxLauncher); a chunk adds its receive, two slot
+        events, its launch (Geometry and header only), its checksum's check and the slot's
+        release. Only driver calls and kvlink's own kernels: no allocation, no torch kernel.
         """
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         dst_sel, boxes = op.req.dst_sel, op.boxes
         stream, unpack_stream, wire = link.state.stream, self._unpack_stream, link.state.wire
-        if op.req.after is not None:
-            unpack_stream.wait_event(op.req.after)  # pull(stream=): no write before the caller's work
-        with torch.cuda.stream(unpack_stream):  # zeroed on the stream that later reads it
-            status = torch.zeros(1, dtype=torch.int32, device=self.layout.device)
-        launcher = kernels.BoxLauncher("unpack", dst_sel, status_ptr=status.data_ptr(), max_ctas=self.config.max_ctas) \
-            if self.ctx.backend == "cuda" else None
         unpack_handle = unpack_stream.cuda_stream
-        token_layer_bytes, num_tokens = dst_sel.token_layer_bytes, dst_sel.num_tokens
-        checksum_bad = None
+        cuda_backend = self.ctx.backend == "cuda"
+        checksum = self.config.checksum
         layer_events = {}
         wire_seconds = 0.0
         with _on_device(self.ctx.device_index):
+            if op.req.after is not None:
+                unpack_stream.wait_event(op.req.after)  # pull(stream=): no write before the caller's work
+            status = op.status = self._status_words.take()
+            cuda_driver.memset32_async(status.device_address, 0, 2, unpack_handle)
+            launcher = kernels.BoxLauncher("unpack", dst_sel, status_ptr=status.device_address,
+                                           max_ctas=self.config.max_ctas) if cuda_backend else None
+            token_layer_bytes, num_tokens = dst_sel.token_layer_bytes, dst_sel.num_tokens
             for box in boxes:
                 nbytes = HEADER_BYTES + box_payload_bytes(box, token_layer_bytes)
                 slot = self._next_slot()
@@ -260,11 +340,11 @@ class NcclTransport(ChunkedTransport):
                 wire_seconds += time.perf_counter() - posted
                 slot.ready.record(stream)
                 slot.ready.wait(unpack_stream)
-                if self.config.checksum:
-                    checksum_bad = self._check_checksum(slot, nbytes, unpack_stream, checksum_bad)
+                if checksum:
+                    self._check_checksum(slot, nbytes, unpack_stream, status, cuda_backend)
                 if launcher is None or not launcher.launch(box, slot.address, unpack_handle):
                     unpack_selection(dst_sel.box(box[:2], box[2:]), slot.buffer[:nbytes], unpack_stream,
-                                     self.ctx.backend, self.config.max_ctas, status,
+                                     self.ctx.backend, self.config.max_ctas, status.device[:1],
                                      cache_scale=self.config.cache_scale)
                 slot.free.record(unpack_stream)
                 slot.used = True
@@ -272,27 +352,32 @@ class NcclTransport(ChunkedTransport):
                     for layer in range(box[0], box[1]):
                         layer_events[layer] = event = torch.cuda.Event()
                         event.record(unpack_stream)
-        with torch.cuda.stream(unpack_stream):
-            status_host = torch.empty(2 if checksum_bad is not None else 1, dtype=torch.int32, pin_memory=True)
-            status_host[:1].copy_(status, non_blocking=True)
-            if checksum_bad is not None:
-                status_host[1:].copy_(checksum_bad.to(torch.int32).reshape(1), non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(unpack_stream)
+            cuda_driver.copy_to_host_async(status.host_address, status.device_address, 8, unpack_handle)
+            done = torch.cuda.Event()
+            done.record(unpack_stream)
         enqueue = time.perf_counter() - started
         handle.stats.enqueue_seconds = enqueue
-        self._count("decode", len(boxes), enqueue, wire_seconds)
-        handle._gpu_work(done, layer_events, partial(_verdict, status_host))
+        self._count("decode", len(boxes), enqueue, time.thread_time() - started_cpu, wire_seconds)
+        handle._gpu_work(done, layer_events, partial(_verdict, self._status_words, op))
 
-    @staticmethod
-    def _check_checksum(slot, nbytes: int, stream, checksum_bad):
+    def _check_checksum(self, slot, nbytes: int, stream, status: _StatusEntry, cuda_backend: bool) -> None:
         """Queue the check of a received chunk's payload checksum: a chunk that fails loses its
-        magic word, so the unpack refuses it whole; the failures so far, as a device flag."""
-        with torch.cuda.stream(stream):  # every step on the unpack stream, the flags' OR included
+        magic word, so the unpack refuses it whole, and the pull's checksum word is set."""
+        if cuda_backend:
+            kernels.launch_checksum(self.ctx.device_index, slot.address, HEADER_BYTES, nbytes - HEADER_BYTES,
+                                    CHECKSUM_OFFSET, slot.scratch_address, stream.cuda_stream,
+                                    verify_into=status.device_address + 4)
+            return
+        with torch.cuda.stream(stream):  # the reference backend: torch's ops, on the unpack stream
             bad = _as_int32(payload_checksum_torch(slot.buffer[HEADER_BYTES:nbytes])) != \
                 slot.buffer[CHECKSUM_OFFSET:HEADER_BYTES].view(torch.int32)
             slot.buffer[:4].view(torch.int32).bitwise_xor_(bad.to(torch.int32) * 0x55555555)
-            return bad if checksum_bad is None else checksum_bad | bad
+            status.device[1:].bitwise_or_(bad.to(torch.int32).reshape(1))
+
+    def release(self, link, handle, failed: bool) -> None:
+        op = handle._op
+        if getattr(op, "status", None) is not None:  # ended before its verdict was read
+            self._status_words.settle(op)
 
     def poll(self, link) -> None:
         # NOTE: a link's pulls unpack in issue order on one stream: the first one not done holds
@@ -311,6 +396,7 @@ class NcclTransport(ChunkedTransport):
                 if self.ctx.backend == "cuda" else None
             plan = serve.state = _ServePlan(launcher, serve.sel.token_layer_bytes)
         chunks, host_seconds, wire_seconds = 0, 0.0, 0.0
+        started_cpu = time.thread_time()
         try:
             with _on_device(self.ctx.device_index):
                 while serve.next_chunk < len(serve.boxes):
@@ -325,7 +411,8 @@ class NcclTransport(ChunkedTransport):
                     chunks += 1
                     serve.next_chunk += 1
         finally:
-            self._count("prefill", chunks, host_seconds, wire_seconds)
+            if chunks:
+                self._count("prefill", chunks, host_seconds, time.thread_time() - started_cpu, wire_seconds)
         return DONE
 
     def _send_chunk(self, link, serve: Serve, box: Box, ready: dict, plan: _ServePlan | None) -> float:
@@ -344,14 +431,17 @@ class NcclTransport(ChunkedTransport):
             if plan.launcher is None or not plan.launcher.launch(box, slot.address, stream.cuda_stream):
                 pack_selection(serve.sel.box(box[:2], box[2:]), slot.buffer, stream, self.ctx.backend,
                                self.config.max_ctas)
-            if serve.checksum:
+            if serve.checksum and plan.launcher is not None:
+                kernels.launch_checksum(self.ctx.device_index, slot.address, HEADER_BYTES, nbytes - HEADER_BYTES,
+                                        CHECKSUM_OFFSET, slot.scratch_address, stream.cuda_stream)
+            elif serve.checksum:  # the reference backend
                 with torch.cuda.stream(stream):
                     sent = payload_checksum_torch(slot.buffer[HEADER_BYTES:nbytes])
                     slot.buffer[CHECKSUM_OFFSET:HEADER_BYTES].view(torch.int32).copy_(_as_int32(sent))
         else:
             nbytes = self.refused_chunk_bytes(link, serve, box)
-            with torch.cuda.stream(stream):
-                slot.buffer[:HEADER_BYTES].fill_(0)  # no magic: the receiver refuses it and writes nothing
+            # no magic: the receiver refuses it and writes nothing (a driver memset, no kernel)
+            cuda_driver.memset32_async(slot.address, 0, HEADER_BYTES // 4, stream.cuda_stream)
         slot.ready.record(stream)
         slot.ready.wait(link_stream)
         posted = time.perf_counter()
@@ -372,13 +462,15 @@ class NcclTransport(ChunkedTransport):
             wire.abort()  # frees NCCL's memory without waiting on a peer that may be gone
 
 
-def _verdict(status_host: torch.Tensor, final: bool = False):
-    """A pull's outcome once its last unpack ran: the unpack's status word (and checksum flag)."""
-    if int(status_host[0]) == STATUS_OK:
+def _verdict(status_words: _StatusWords, op, final: bool = False):
+    """A pull's outcome once its last unpack ran: its status words (unpack status, checksum
+    failures), read once, after which the entry goes back to the pool."""
+    words = status_words.read(op)
+    if words[0] == STATUS_OK:
         return None
     if not final:
         return WAIT  # the sender's FAILED, on its way, names the reason better
-    if status_host.numel() > 1 and int(status_host[1]):
+    if words[1]:
         return "a received chunk failed its checksum (corrupted on the way) and was not unpacked", None, TransferRefused
     return "a received chunk was refused (header mismatch or refused by the sender)", None, TransferRefused
 
