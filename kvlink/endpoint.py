@@ -23,6 +23,7 @@ import os
 import socket as pysocket
 import time
 import warnings
+import weakref
 
 import torch
 
@@ -115,7 +116,10 @@ class Endpoint:
         self._links = self._engine.links  # read here, changed only by the progress thread
         self._xfer_ids = itertools.count(1)
         # (peer, request id) -> the latest pull of it: an id still in flight on a link is refused
-        self._pulls_by_request: dict[tuple[str, str], TransferHandle] = {}
+        # weak: a handle nobody holds (neither the caller nor its transport, which holds it while in
+        # flight) frees its id, and its pooled completion event goes back at once
+        self._pulls_by_request: weakref.WeakValueDictionary[tuple[str, str], TransferHandle] = \
+            weakref.WeakValueDictionary()
         self._prune_pulls_at = 1024
         self._closed = False
         self._engine.start()
@@ -256,7 +260,8 @@ class Endpoint:
             raise InvalidArgument(f"request {request!r} is already being pulled from {peer}: wait for that pull or "
                                   "cancel it before pulling the same id again")
         if len(self._pulls_by_request) >= self._prune_pulls_at:  # amortized: a pass per doubling
-            self._pulls_by_request = {key: h for key, h in self._pulls_by_request.items() if not h.done()}
+            for key in [key for key, h in list(self._pulls_by_request.items()) if h.done()]:
+                self._pulls_by_request.pop(key, None)
             self._prune_pulls_at = max(1024, 2 * len(self._pulls_by_request))
 
     def release(self, peer: str, request: str) -> None:

@@ -24,9 +24,24 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvlink.cuda_driver import CompletionEvent
 from kvlink.errors import KVLinkTimeout, TransferError
 
 WAIT = object()  # a verdict: not yet (a refused chunk's reason is still on its way)
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}  # per GPU: where a driver event's torch twin is recorded
+
+
+def _torch_twin(event: CompletionEvent, device: int) -> torch.cuda.Event:
+    """A torch event that fires when the driver ``event`` does: recorded on a side stream made to
+    wait for it (the public ``event`` of a pull whose completion is a driver event)."""
+    side = _SIDE_STREAMS.get(device)
+    if side is None:
+        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    event.wait(side.cuda_stream)
+    twin = torch.cuda.Event()
+    twin.record(side)
+    return twin
 
 
 class _Flag:
@@ -113,7 +128,8 @@ class TransferHandle:
         self._timeout = timeout  # the endpoint's: the default of every wait here
         self._canceller = canceller
         self._device = device  # the GPU of the destination cache; None for a CPU cache
-        self._event: torch.cuda.Event | None = None
+        self._event: torch.cuda.Event | CompletionEvent | None = None
+        self._event_twin: torch.cuda.Event | None = None  # the torch view of a driver completion event
         self._layer_events: dict[int, torch.cuda.Event] = {}
         self._verdict = None
         self._started = time.perf_counter()
@@ -146,7 +162,12 @@ class TransferHandle:
         progress thread queued it); on nccl once the progress thread queued the receives (this
         waits for that, at most the endpoint's timeout: normally one turn of the progress loop)."""
         self._wait_enqueued()
-        return self._event
+        event = self._event
+        if isinstance(event, CompletionEvent):
+            if self._event_twin is None:
+                self._event_twin = _torch_twin(event, self._device)
+            return self._event_twin
+        return event
 
     def layer_event(self, layer: int) -> torch.cuda.Event:
         """CUDA event recorded once ``layer`` is in the destination blocks (layer-wise pulls on GPU)."""
@@ -167,8 +188,12 @@ class TransferHandle:
         """
         if self._device is not None:
             self._wait_enqueued()
-            if self._event is not None:
-                (stream or torch.cuda.current_stream(self._device)).wait_event(self._event)
+            event = self._event
+            if isinstance(event, CompletionEvent):
+                event.wait((stream or torch.cuda.current_stream(self._device)).cuda_stream)
+                return
+            if event is not None:
+                (stream or torch.cuda.current_stream(self._device)).wait_event(event)
                 return
         if not self._finished.wait(self._timeout) and not self.done():
             raise KVLinkTimeout(f"request {self.request!r} from {self.peer}: not done after {self._timeout:.1f} s")
@@ -244,9 +269,16 @@ class TransferHandle:
         if not self._enqueued.wait(self._timeout):
             raise KVLinkTimeout(f"request {self.request!r} from {self.peer}: transfer was never started")
 
-    def _gpu_work(self, done: torch.cuda.Event, layer_events: dict | None = None, verdict=None, *,
+    def __del__(self):
+        event = self._event
+        if isinstance(event, CompletionEvent):
+            self._event = None
+            event.give_back()  # nobody can query or wait on it any more (its twin has waited already)
+
+    def _gpu_work(self, done: torch.cuda.Event | CompletionEvent, layer_events: dict | None = None, verdict=None, *,
                   spin: bool = False) -> None:
-        """The pull's GPU work is queued; ``done`` fires after its last write. ``verdict(final=False)``
+        """The pull's GPU work is queued; ``done`` (a torch event, or a driver event of the pool,
+        which the handle then owns and gives back when it goes) fires after its last write. ``verdict(final=False)``
         is asked once it fired: None (complete), WAIT (not yet: asked again with final=True after a
         second), or (error, untouched, kind) to fail the pull. ``spin``: nothing is left for the
         progress thread to do, so wait() may poll tightly at first."""

@@ -575,6 +575,27 @@ def _inline_off(reason: str) -> bool:
     return False
 
 
+_DRIVER_EVENTS = [os.environ.get("KVLINK_DRIVER_EVENTS", "1") == "1"]
+
+
+def completion_event(device_index: int, stream: torch.cuda.Stream):
+    """An event recorded on ``stream`` now, for a pull's completion: a pooled driver event
+    (cuda_driver.CompletionEvent: one driver call), or torch's where the driver's is not to be had."""
+    if _DRIVER_EVENTS[0]:
+        try:
+            cuda_driver.ensure_context(device_index)
+            event = cuda_driver.CompletionEvent.take(device_index)
+            event.record(stream.cuda_stream)
+            return event
+        except cuda_driver.CudaDriverError as exc:
+            import logging
+            logging.getLogger("kvlink").warning("kvlink: completion events through torch (driver events: %s)", exc)
+            _DRIVER_EVENTS[0] = False
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
+
+
 def current_stream_handle(device_index: int) -> int:
     """The CUstream handle of the current torch stream of ``device_index``, without building a
     torch.cuda.Stream object (torch.cuda.current_stream() costs microseconds a call)."""

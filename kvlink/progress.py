@@ -1,7 +1,7 @@
 """The progress engine: one thread per endpoint that owns every socket and never blocks on a peer.
 
 The engine's callers (``pull()``, ``cancel()``, ``connect()``...) hand it work through a command
-queue and a wake-up socket; the thread runs turns, each bounded:
+queue and a wake-up descriptor (Wakeup); the thread runs turns, each bounded:
 
     1. at most ``turn_budget`` commands;
     2. at most ``turn_budget`` messages from each socket with some waiting;
@@ -25,7 +25,6 @@ import os
 import queue
 import threading
 import time
-import uuid
 
 import torch
 import zmq
@@ -38,13 +37,39 @@ log = logging.getLogger("kvlink")
 
 
 
-def wake_pair(context: zmq.Context, name: str) -> tuple[zmq.Socket, zmq.Socket]:
-    """(send, receive) ends of an inproc PAIR: another thread wakes a poll loop by sending on it."""
-    send, receive = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
-    address = f"inproc://{name}-{uuid.uuid4().hex}"
-    receive.bind(address)
-    send.connect(address)
-    return send, receive
+class Wakeup:
+    """A file descriptor a poll loop watches, which any thread makes readable: an eventfd (one
+    system call, no ZeroMQ message, no allocation), or a pipe where there is no eventfd."""
+
+    def __init__(self):
+        if hasattr(os, "eventfd"):
+            self.fd = self._write_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:
+            self.fd, self._write_fd = os.pipe()
+            os.set_blocking(self.fd, False)
+            os.set_blocking(self._write_fd, False)
+        self.closed = False
+
+    def set(self) -> None:
+        try:
+            os.write(self._write_fd, b"\x01\0\0\0\0\0\0\0")  # an eventfd adds the 8-byte count
+        except (BlockingIOError, OSError):
+            pass  # full: a wake-up is pending already
+
+    def clear(self) -> None:
+        try:
+            while os.read(self.fd, 4096):  # an eventfd: one read resets its count
+                if self.fd == self._write_fd:
+                    break
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        self.closed = True
+        os.close(self.fd)
+        if self._write_fd != self.fd:
+            os.close(self._write_fd)
+
 
 class ProgressEngine:
     """Sockets, links, commands and liveness of one endpoint (see the module docstring)."""
@@ -62,10 +87,10 @@ class ProgressEngine:
         self._busy = False  # the loop turns every millisecond anyway (post_quiet needs no wake-up)
         self._stopping = False
         self.context = zmq.Context()
-        self._wake_send, self._wake_recv = wake_pair(self.context, "kvlink-wake")
+        self._wakeup = Wakeup()
         self._wake_lock = threading.Lock()
         self._poller = zmq.Poller()
-        self._poller.register(self._wake_recv, zmq.POLLIN)
+        self._poller.register(self._wakeup.fd, zmq.POLLIN)
         self.router = None
         self.address = None
         if listen is not None:
@@ -141,11 +166,9 @@ class ProgressEngine:
         return not self._thread.is_alive()
 
     def _wake(self) -> None:
-        with self._wake_lock:
-            try:
-                self._wake_send.send(b"", zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass  # wake-ups already queued (the thread will find this work too), or the thread is gone
+        with self._wake_lock:  # never a write to a descriptor closed (and its number reused) meanwhile
+            if not self._wakeup.closed:
+                self._wakeup.set()
 
     # ================================================================== progress thread: links and sockets
     def add_reader(self, sock: zmq.Socket, reader) -> None:
@@ -235,8 +258,9 @@ class ProgressEngine:
                 profiler.dump_stats(os.path.join(profile_dir,
                                                  f"progress-{self.name.replace(':', '_').replace('/', '_')}.prof"))
         finally:
-            with self._wake_lock:  # no _wake() is between its check and its send while the context goes
+            with self._wake_lock:  # no _wake() is between its check and its write while these go
                 self.context.destroy(linger=0)
+                self._wakeup.close()
 
     def _loop(self) -> None:
         if self.ctx.device_index is not None:
@@ -277,12 +301,8 @@ class ProgressEngine:
             wait_ms = 1 if busy else max(1, int((next_heartbeat - time.monotonic()) * 1000))
         events = dict(self._poller.poll(wait_ms))
         more = False
-        if self._wake_recv in events:
-            for _ in range(budget):  # a wake-up only says "look at the queue"
-                try:
-                    self._wake_recv.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+        if events.pop(self._wakeup.fd, None):  # a wake-up only says "look at the queue"
+            self._wakeup.clear()
         for _ in range(budget):
             try:
                 fn, args, on_error = self._commands.get_nowait()
@@ -292,8 +312,7 @@ class ProgressEngine:
         else:
             more = True
         for sock in events:
-            if sock is not self._wake_recv:
-                more |= self._drain(sock, budget)
+            more |= self._drain(sock, budget)
         for link in list(self.links.values()):
             if link.channel.outbox and not link.failed:
                 reason = link.channel.flush()

@@ -67,6 +67,31 @@ def test_the_copy_grid_follows_where_the_source_lies(prefill, decode, generator)
         assert bounded.links()[0]["copy_ctas"] == 132
 
 
+def test_pooled_completion_events_are_reused_and_each_orders_its_own_pull(prefill, mirror, decode, generator):
+    """A plain pull completes on a pooled driver event: handed back when its handle goes, taken by
+    the next pull; its torch twin (``event``) and current_stream_wait() order the engine's stream
+    after that pull's copy, each time, with fresh random blocks."""
+    from kvlink.cuda_driver import CompletionEvent
+    endpoint, peer, _, layout = decode
+    taken = set()
+    for i in range(12):
+        num_tokens = int(torch.randint(1, 600, (1,), generator=generator))
+        src = torch.randperm(mirror.num_blocks, generator=generator)[:-(-num_tokens // 16)]
+        dst = torch.randperm(layout.num_blocks, generator=generator)[:-(-num_tokens // 8)]
+        handle = endpoint.pull(peer, f"pooled-{i}", src, dst, num_tokens)
+        assert isinstance(handle._event, CompletionEvent)
+        taken.add(handle._event.handle)
+        if i % 2:
+            torch.cuda.current_stream().wait_event(handle.event)
+            assert isinstance(handle.event, torch.cuda.Event)
+        else:
+            handle.current_stream_wait()
+        assert torch.equal(packed(layout, dst, num_tokens), packed(mirror, src, num_tokens)), i
+        assert handle.wait(30).gpu_idle()
+        del handle  # its event goes back to the pool
+    assert len(taken) < 12, "no event was reused"
+
+
 def test_large_request_is_one_copy_kernel(prefill, mirror, decode, generator):
     """Block size 16 -> 8 and NHD -> HND in the same kernel; the engine orders on the event."""
     endpoint, peer, _, layout = decode

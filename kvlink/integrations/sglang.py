@@ -61,7 +61,7 @@ import zmq
 
 import kvlink
 from kvlink import presets
-from kvlink.progress import wake_pair
+from kvlink.progress import Wakeup
 from kvlink.resharding import heads_of_rank, plan_resharding, pull_resharded
 
 log = logging.getLogger("kvlink.sglang")
@@ -756,7 +756,7 @@ class _Channel:
             self._pull.setsockopt(zmq.IPV6, 1)
         port = self._pull.bind_to_random_port(f"tcp://{_zmq_host(ip)}")
         self.address = f"tcp://{_zmq_host(ip)}:{port}"
-        self._wake_send, self._wake_recv = wake_pair(self._ctx, "kvlink-sglang")
+        self._wakeup = Wakeup()
         self._wake_lock = threading.Lock()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pushes: dict[str, zmq.Socket] = {}
@@ -772,11 +772,9 @@ class _Channel:
         self._wake()
 
     def _wake(self) -> None:
-        with self._wake_lock:
-            try:
-                self._wake_send.send(b"", zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+        with self._wake_lock:  # never a write to a descriptor closed (and its number reused) meanwhile
+            if not self._wakeup.closed:
+                self._wakeup.set()
 
     def close(self, timeout: float = 2.0) -> None:
         if self._closed:
@@ -804,14 +802,13 @@ class _Channel:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._pull, zmq.POLLIN)
-        poller.register(self._wake_recv, zmq.POLLIN)
+        poller.register(self._wakeup.fd, zmq.POLLIN)
         next_tick = time.monotonic() + self._tick_s
         try:
             while True:
                 events = dict(poller.poll(max(1, int((next_tick - time.monotonic()) * 1000))))
-                if self._wake_recv in events:
-                    while self._wake_recv.poll(0):
-                        self._wake_recv.recv()
+                if self._wakeup.fd in events:
+                    self._wakeup.clear()
                     while True:
                         try:
                             item = self._outbox.get_nowait()
@@ -842,7 +839,9 @@ class _Channel:
         finally:
             for sock in self._pushes.values():
                 sock.close(0)
-            self._ctx.destroy(linger=0)
+            with self._wake_lock:
+                self._ctx.destroy(linger=0)
+                self._wakeup.close()
 
 
 # ---------------------------------------------------------------------------------- rooms

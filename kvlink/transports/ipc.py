@@ -32,7 +32,7 @@ import torch
 from kvlink import control, cuda_driver, ipc
 from kvlink.config import IPC_CROSS_GPU_CTAS
 from kvlink.errors import TransferError, TransferRefused
-from kvlink.kernels import _on_device, launch_copy
+from kvlink.kernels import _on_device, completion_event, launch_copy
 from kvlink.layout import PeerLayout
 from kvlink.pack import prepare
 from kvlink.serving import DONE, WAITING, Serve
@@ -224,8 +224,7 @@ class IpcTransport(Transport):
                 if req.after is not None:
                     stream.wait_event(req.after)  # pull(stream=): not before the caller's work
                 launch_copy(pull.src_sel, dst_sel, stream, max_ctas=state.max_ctas, stamps=stamps)
-                done = torch.cuda.Event()
-                done.record(stream)
+                done = completion_event(self.ctx.device_index, stream)
                 layer_events = {}
             else:
                 slot = self._take_counter(handle)

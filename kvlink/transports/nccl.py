@@ -353,8 +353,7 @@ class NcclTransport(ChunkedTransport):
                         layer_events[layer] = event = torch.cuda.Event()
                         event.record(unpack_stream)
             cuda_driver.copy_to_host_async(status.host_address, status.device_address, 8, unpack_handle)
-            done = torch.cuda.Event()
-            done.record(unpack_stream)
+            done = kernels.completion_event(self.ctx.device_index, unpack_stream)
         enqueue = time.perf_counter() - started
         handle.stats.enqueue_seconds = enqueue
         self._count("decode", len(boxes), enqueue, time.thread_time() - started_cpu, wire_seconds)
