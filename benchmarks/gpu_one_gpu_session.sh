@@ -29,6 +29,7 @@ for step in ${KVLINK_STEPS:-kernels ipc adapters rest soak chaos loopback_each h
   started=$SECONDS
   case $step in
     host_costs) timeout 150 python3 benchmarks/host_costs.py --json "$out/host_costs.json" > "$out/host_costs.txt" 2>&1 || status=1
+                grep -E "baseline|reference|, step " "$out/host_costs.txt" | cut -c1-110
                 sed -n '/^targets/,$p' "$out/host_costs.txt"; grep -E "PART FAILED|WRONG|Traceback" "$out/host_costs.txt"
                 summary+=("host_costs: $(grep -cE 'MISSED' "$out/host_costs.txt") targets missed") ;;
     bench_ctas) KVLINK_IPC_MAX_CTAS=0 timeout 120 python3 -m kvlink.bench --iters 10 --json "$out/bench_ctas.json" \

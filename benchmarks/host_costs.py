@@ -334,6 +334,13 @@ def part_b(report: Report, args) -> None:
         report.wrong(f"NCCL self send/recv of {nbytes / MiB:g} MiB", wrong)
 
 
+# an ipc pull's host stamps (TransferHandle.stats.host_stamps), in the order pull() takes them
+STAMP_STEPS = ("called", "validated", "locked", "geometry", "launch", "recorded")
+STAMP_STEPS_NOTE = ("called -> validated: both sides' block ids checked, the handle made; locked: the launch "
+                    "lock; geometry: the copy's plan; launch: its parameters and the launch; recorded: the "
+                    "completion event")
+
+
 def part_c(report: Report, args, mirror, dst) -> None:
     """ipc pull() between two processes on this GPU."""
     import kvlink
@@ -350,6 +357,7 @@ def part_c(report: Report, args, mirror, dst) -> None:
                 num_tokens = blocks * SHAPE["block_size"]
                 choices = [(block_choice(gen, blocks), block_choice(gen, blocks)) for _ in range(64)]
                 walls, cpus, inside, to_wait, to_event, wrong = [], [], [], [], [], 0
+                steps = {}  # pull()'s own host stamps: the time from each step to the next
                 calls = args.calls if blocks == 1 else max(args.calls // 2, 50)
                 for i in range(args.warmup + calls):
                     src_ids, dst_ids = choices[i % len(choices)]
@@ -367,6 +375,10 @@ def part_c(report: Report, args, mirror, dst) -> None:
                         walls.append(t1 - t0)
                         cpus.append(c1 - c0)
                         inside.append(handle.stats.pull_cpu_seconds)
+                        stamps = handle.stats.host_stamps
+                        names = [name for name in STAMP_STEPS if name in stamps]
+                        for before, after in zip(names, names[1:]):
+                            steps.setdefault(f"{before} -> {after}", []).append(stamps[after] - stamps[before])
                         (to_wait if i % 2 else to_event).append(done - t0)
                     if i % 97 == 0:
                         wrong += wrong_bytes(dst, dst_ids, mirror, src_ids, num_tokens)
@@ -377,6 +389,8 @@ def part_c(report: Report, args, mirror, dst) -> None:
                 report.add(f"ipc pull {num_tokens} tokens: call -> done (event)", to_event,
                            note="a thread blocked on the completion event")
                 report.wrong(f"ipc pulls of {num_tokens} tokens (every 97th)", wrong)
+                for step, seconds in steps.items():
+                    report.add(f"ipc pull() {num_tokens} tokens, step {step}", seconds, note=STAMP_STEPS_NOTE)
     finally:
         child.stop()
 

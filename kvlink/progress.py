@@ -249,7 +249,11 @@ class ProgressEngine:
             import cProfile
 
             profiler = cProfile.Profile()
-            profiler.enable()
+            try:
+                profiler.enable()
+            except ValueError as exc:  # Python 3.12+: one profiler a process (another endpoint's here)
+                log.warning("kvlink %s: progress thread not profiled: %s", self.name, exc)
+                return self._loop()
             try:
                 self._loop()
             finally:
