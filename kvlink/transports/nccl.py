@@ -374,9 +374,8 @@ class NcclTransport(ChunkedTransport):
             status.device[1:].bitwise_or_(bad.to(torch.int32).reshape(1))
 
     def release(self, link, handle, failed: bool) -> None:
-        op = handle._op
-        if getattr(op, "status", None) is not None:  # ended before its verdict was read
-            self._status_words.settle(op)
+        if handle._op.status is not None:  # ended before its verdict was read
+            self._status_words.settle(handle._op)
 
     def poll(self, link) -> None:
         # NOTE: a link's pulls unpack in issue order on one stream: the first one not done holds
