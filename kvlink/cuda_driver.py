@@ -28,42 +28,23 @@ def libcuda():
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError as exc:
         raise CudaDriverError(f"libcuda.so.1 not loadable: {exc}") from exc
-    u64, u32, void_p, uint = ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint
+    u64, void_p, uint = ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint
     # CUresult cuMemGetAddressRange_v2(CUdeviceptr* pbase, size_t* psize, CUdeviceptr dptr)
     lib.cuMemGetAddressRange_v2.argtypes = [ctypes.POINTER(u64), ctypes.POINTER(ctypes.c_size_t), u64]
-    # CUresult cuStreamWaitValue32_v2(CUstream stream, CUdeviceptr addr, cuuint32_t value, unsigned int flags)
-    lib.cuStreamWaitValue32_v2.argtypes = [void_p, u64, u32, uint]
-    # CUresult cuStreamWriteValue32_v2(CUstream stream, CUdeviceptr addr, cuuint32_t value, unsigned int flags)
-    lib.cuStreamWriteValue32_v2.argtypes = [void_p, u64, u32, uint]
     # CUresult cuCtxGetCurrent(CUcontext* pctx)
     lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(void_p)]
     # CUresult cuGetErrorName(CUresult error, const char** pStr)
     lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
-    # CUresult cuLaunchKernel(CUfunction f, unsigned int gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY,
-    #                         blockDimZ, unsigned int sharedMemBytes, CUstream hStream, void** kernelParams,
-    #                         void** extra)
-    lib.cuLaunchKernel.argtypes = [void_p, uint, uint, uint, uint, uint, uint, uint, void_p, void_p, void_p]
     # CUresult cuEventCreate(CUevent* phEvent, unsigned int Flags)
     lib.cuEventCreate.argtypes = [ctypes.POINTER(void_p), uint]
-    # CUresult cuEventRecord(CUevent hEvent, CUstream hStream)
-    lib.cuEventRecord.argtypes = [void_p, void_p]
-    # CUresult cuStreamWaitEvent(CUstream hStream, CUevent hEvent, unsigned int Flags)
-    lib.cuStreamWaitEvent.argtypes = [void_p, void_p, uint]
-    # CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dstDevice, CUdeviceptr srcDevice, size_t ByteCount, CUstream hStream)
-    lib.cuMemcpyDtoDAsync_v2.argtypes = [u64, u64, ctypes.c_size_t, void_p]
     # CUresult cuCtxGetDevice(CUdevice* device); cuDeviceGet(CUdevice* device, int ordinal)
     lib.cuCtxGetDevice.argtypes = [ctypes.POINTER(ctypes.c_int)]
     lib.cuDeviceGet.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
     # CUresult cuDevicePrimaryCtxRetain(CUcontext* pctx, CUdevice dev); cuCtxSetCurrent(CUcontext ctx)
     lib.cuDevicePrimaryCtxRetain.argtypes = [ctypes.POINTER(void_p), ctypes.c_int]
     lib.cuCtxSetCurrent.argtypes = [void_p]
-    # CUresult cuMemsetD32Async(CUdeviceptr dstDevice, unsigned int ui, size_t N, CUstream hStream)
-    lib.cuMemsetD32Async.argtypes = [u64, uint, ctypes.c_size_t, void_p]
-    # CUresult cuMemcpyDtoHAsync_v2(void* dstHost, CUdeviceptr srcDevice, size_t ByteCount, CUstream hStream)
-    lib.cuMemcpyDtoHAsync_v2.argtypes = [void_p, u64, ctypes.c_size_t, void_p]
     # CUresult cuFuncGetAttribute(int* pi, CUfunction_attribute attrib, CUfunction hfunc)
     lib.cuFuncGetAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, void_p]
-    lib.cuEventSynchronize.argtypes = [void_p]
     if hasattr(lib, "cuFuncLoad"):  # CUDA 12.4+: CUresult cuFuncLoad(CUfunction function)
         lib.cuFuncLoad.argtypes = [void_p]
     return lib
@@ -82,16 +63,20 @@ def queueing():
     """
     libcuda()  # the error message of a missing driver
     lib = ctypes.PyDLL("libcuda.so.1")
-    u64, u32, void_p, uint = ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint
-    lib.cuStreamWaitValue32_v2.argtypes = [void_p, u64, u32, uint]
-    lib.cuStreamWriteValue32_v2.argtypes = [void_p, u64, u32, uint]
+    u64, u32, void_p, uint, size_t = ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint, ctypes.c_size_t
+    # CUresult cuStreamWaitValue32_v2 / cuStreamWriteValue32_v2(CUstream, CUdeviceptr addr, cuuint32_t value,
+    #                                                          unsigned int flags)
+    lib.cuStreamWaitValue32_v2.argtypes = lib.cuStreamWriteValue32_v2.argtypes = [void_p, u64, u32, uint]
+    # CUresult cuLaunchKernel(CUfunction f, unsigned int gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY,
+    #                         blockDimZ, unsigned int sharedMemBytes, CUstream hStream, void** kernelParams,
+    #                         void** extra)
     lib.cuLaunchKernel.argtypes = [void_p, uint, uint, uint, uint, uint, uint, uint, void_p, void_p, void_p]
-    lib.cuEventRecord.argtypes = [void_p, void_p]
-    lib.cuStreamWaitEvent.argtypes = [void_p, void_p, uint]
-    lib.cuMemcpyDtoDAsync_v2.argtypes = [u64, u64, ctypes.c_size_t, void_p]
-    lib.cuMemsetD32Async.argtypes = [u64, uint, ctypes.c_size_t, void_p]
-    lib.cuMemcpyDtoHAsync_v2.argtypes = [void_p, u64, ctypes.c_size_t, void_p]
-    lib.cuEventQuery.argtypes = [void_p]
+    lib.cuEventRecord.argtypes = [void_p, void_p]  # (CUevent, CUstream)
+    lib.cuStreamWaitEvent.argtypes = [void_p, void_p, uint]  # (CUstream, CUevent, unsigned int flags)
+    lib.cuEventQuery.argtypes = [void_p]  # (CUevent)
+    lib.cuMemcpyDtoDAsync_v2.argtypes = [u64, u64, size_t, void_p]  # (dst, src, bytes, CUstream)
+    lib.cuMemsetD32Async.argtypes = [u64, uint, size_t, void_p]  # (dst, value, count, CUstream)
+    lib.cuMemcpyDtoHAsync_v2.argtypes = [void_p, u64, size_t, void_p]  # (host dst, device src, bytes, CUstream)
     return lib
 
 
@@ -264,10 +249,6 @@ class CompletionEvent(RawEvent):
         if result:
             check(result, "cuEventQuery")
         return True
-
-    def synchronize(self) -> None:
-        """Block (the GIL released) until the GPU passed the record."""
-        check(libcuda().cuEventSynchronize(self.handle), "cuEventSynchronize")
 
 
 def memcpy_async(dst: int, src: int, nbytes: int, stream: int) -> None:

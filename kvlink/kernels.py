@@ -494,7 +494,7 @@ def _cupy_stream(stream: torch.cuda.Stream, device_index: int):
 def prepare(layout, stream: torch.cuda.Stream) -> None:
     """One-time setup off the critical path: compile the kernels, upload the plane table, make the stream's metadata ring."""
     device_index = layout.device.index
-    _load_kernels(device_index)
+    load_kernels(device_index)
     _plane_table(layout)
     key = (device_index, stream.cuda_stream)
     if key not in _RINGS:
@@ -502,7 +502,7 @@ def prepare(layout, stream: torch.cuda.Stream) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _load_kernels(device_index: int) -> None:
+def load_kernels(device_index: int) -> None:
     """Compile the module and load every kernel of it now (see cuda_driver.load_function: a
     lazily loaded kernel's first launch may synchronize the context)."""
     import logging
@@ -523,33 +523,21 @@ def _load_kernels(device_index: int) -> None:
 CHECKSUM_MAX_CTAS_PER_SM = 4
 
 
-def prepare_checksums(device_index: int) -> None:
-    """Compile and load the kernels (the checksum's among them) for launch_checksum."""
-    _load_kernels(device_index)
-
-
 def _checksum_kernel(verify: bool) -> str:
     return kernel_name("kvlink_checksum", 1 if verify else 0)
 
 
 def launch_checksum(device_index: int, chunk_address: int, payload_offset: int, payload_bytes: int,
-                    checksum_offset: int, scratch_address: int, stream_handle: int, *, verify_into: int = 0) -> None:
-    """Queue the payload checksum of the chunk at ``chunk_address`` (csrc: kvlink_checksum):
-    written into its header, or, given ``verify_into`` (the address of an int32 flag), checked
-    against it: a mismatch spoils the chunk's magic word and sets the flag. ``scratch_address``:
-    three int32 words, zero, that no other checksum uses meanwhile (left zero after)."""
-    name = _checksum_kernel(bool(verify_into))
-    words = -(-payload_bytes // 4)
-    grid = max(1, min(-(-words // THREADS), CHECKSUM_MAX_CTAS_PER_SM * _sm_count(device_index)))
-    args = (chunk_address, payload_offset, payload_bytes, checksum_offset, scratch_address, verify_into)
-    function = _function_handle(device_index, name)
-    if function is None:
-        import cupy
-
-        with cupy.cuda.Device(device_index), cupy.cuda.ExternalStream(stream_handle):
-            _kernel(device_index, name)((grid,), (THREADS,), tuple(np.uint64(a) for a in args))
-        return
-    cuda_driver.launch_kernel(function, grid, THREADS, args, stream_handle)
+                    checksum_offset: int, scratch_address: int, stream: torch.cuda.Stream, *,
+                    verify_into: int = 0) -> None:
+    """Queue on ``stream`` the payload checksum of the chunk at ``chunk_address`` (csrc:
+    kvlink_checksum): written into its header, or, given ``verify_into`` (the address of an int32
+    flag), checked against it: a mismatch spoils the chunk's magic word and sets the flag.
+    ``scratch_address``: three int32 words, zero, that no other checksum uses meanwhile (left zero
+    after)."""
+    grid = max(1, min(-(-payload_bytes // (4 * THREADS)), CHECKSUM_MAX_CTAS_PER_SM * _sm_count(device_index)))
+    _launch_kernel(device_index, _checksum_kernel(bool(verify_into)), grid,
+                   (chunk_address, payload_offset, payload_bytes, checksum_offset, scratch_address, verify_into), stream)
 
 
 # The inline pack/unpack kernels (metadata as the launch's parameter): on unless KVLINK_INLINE_LAUNCH=0;

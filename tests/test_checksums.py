@@ -97,11 +97,11 @@ def test_the_gpu_checksum_kernel_writes_and_checks_what_numpy_computes(size):
     chunk[:4] = torch.frombuffer(bytearray(MAGIC), dtype=torch.uint8).cuda()
     scratch = torch.zeros(3, dtype=torch.int32, device="cuda")
     flag = torch.zeros(1, dtype=torch.int32, device="cuda")
-    kernels.prepare_checksums(0)
+    kernels.load_kernels(0)
 
     def run(verify: bool):
         kernels.launch_checksum(0, chunk.data_ptr(), HEADER_BYTES, size, CHECKSUM_OFFSET, scratch.data_ptr(),
-                                stream.cuda_stream, verify_into=flag.data_ptr() if verify else 0)
+                                stream, verify_into=flag.data_ptr() if verify else 0)
         torch.cuda.synchronize()
         assert not scratch.any(), "the scratch words must be left zero"
 
@@ -125,11 +125,11 @@ def test_the_gpu_checksum_kernel_reads_unaligned_payloads():
     rng = np.random.default_rng(7)
     base = torch.from_numpy(rng.integers(0, 256, 4096, dtype=np.uint8)).cuda()
     scratch = torch.zeros(3, dtype=torch.int32, device="cuda")
-    kernels.prepare_checksums(0)
+    kernels.load_kernels(0)
     for offset, size in ((1, 1001), (2, 2046), (3, 7)):
         chunk = base[offset:]
         kernels.launch_checksum(0, chunk.data_ptr(), HEADER_BYTES, size, CHECKSUM_OFFSET, scratch.data_ptr(),
-                                torch.cuda.current_stream().cuda_stream)
+                                torch.cuda.current_stream())
         host = chunk.cpu().numpy()
         assert int(host[CHECKSUM_OFFSET:HEADER_BYTES].view("<u4")[0]) == \
             payload_checksum_numpy(host[HEADER_BYTES:HEADER_BYTES + size]), (offset, size)

@@ -115,7 +115,7 @@ class _Slot:
         self.address = self.buffer.data_ptr()
 
 
-class _StatusEntry:
+class _PullStatus:
     """One pull's status words on the GPU, [unpack status, checksum failures], and their pinned
     host copy."""
 
@@ -126,8 +126,10 @@ class _StatusEntry:
         self.host, self.host_address = host.numpy(), host.data_ptr()
 
 
-class _StatusWords:
-    """The decode side's per-pull status words, made a block at a time and reused.
+class _PullStatusPool:
+    """The decode side's per-pull status words, made a block at a time and reused (unlike
+    kernels._StatusWords, the one-off words of standalone unpack() calls, these carry a pinned
+    host copy and come back to the pool).
 
     NOTE: a pull's words were a device and a pinned allocation of its own; besides their host
     cost, an allocation on the progress thread may wait for the GPU, whose receives wait for
@@ -146,7 +148,7 @@ class _StatusWords:
         self._blocks = []  # keeps each block's memory alive
         self._lock = threading.Lock()
 
-    def take(self) -> _StatusEntry:
+    def take(self) -> _PullStatus:
         try:
             return self._free.popleft()
         except IndexError:  # more pulls in flight than ever before: one more block
@@ -157,7 +159,7 @@ class _StatusWords:
         device_block = torch.empty((self.BLOCK, 2), dtype=torch.int32, device=self.device)
         host_block = torch.empty((self.BLOCK, 2), dtype=torch.int32, pin_memory=True)
         self._blocks.append((device_block, host_block))
-        self._free.extend(_StatusEntry(device_block[i], host_block[i]) for i in range(self.BLOCK))
+        self._free.extend(_PullStatus(device_block[i], host_block[i]) for i in range(self.BLOCK))
 
     def read(self, op) -> tuple[int, int]:
         """The words of ``op``'s entry, once its GPU work ran, read once (any thread); the entry
@@ -201,7 +203,7 @@ class NcclTransport(ChunkedTransport):
         super().__init__(ctx)
         self._loopback = self.config.nccl_wire == "loopback"
         self._slots: list[_Slot] = []
-        self._status_words = _StatusWords(self.layout.device) if ctx.on_gpu else None
+        self._status_words = _PullStatusPool(self.layout.device) if ctx.on_gpu else None
         self._slot_cursor = 0
         self._slot_lock = threading.Lock()
         self._pack_stream = self._unpack_stream = None
@@ -359,12 +361,12 @@ class NcclTransport(ChunkedTransport):
         self._count("decode", len(boxes), enqueue, time.thread_time() - started_cpu, wire_seconds)
         handle._gpu_work(done, layer_events, partial(_verdict, self._status_words, op))
 
-    def _check_checksum(self, slot, nbytes: int, stream, status: _StatusEntry, cuda_backend: bool) -> None:
+    def _check_checksum(self, slot, nbytes: int, stream, status: _PullStatus, cuda_backend: bool) -> None:
         """Queue the check of a received chunk's payload checksum: a chunk that fails loses its
         magic word, so the unpack refuses it whole, and the pull's checksum word is set."""
         if cuda_backend:
             kernels.launch_checksum(self.ctx.device_index, slot.address, HEADER_BYTES, nbytes - HEADER_BYTES,
-                                    CHECKSUM_OFFSET, slot.scratch_address, stream.cuda_stream,
+                                    CHECKSUM_OFFSET, slot.scratch_address, stream,
                                     verify_into=status.device_address + 4)
             return
         with torch.cuda.stream(stream):  # the reference backend: torch's ops, on the unpack stream
@@ -431,7 +433,7 @@ class NcclTransport(ChunkedTransport):
                                self.config.max_ctas)
             if serve.checksum and plan.launcher is not None:
                 kernels.launch_checksum(self.ctx.device_index, slot.address, HEADER_BYTES, nbytes - HEADER_BYTES,
-                                        CHECKSUM_OFFSET, slot.scratch_address, stream.cuda_stream)
+                                        CHECKSUM_OFFSET, slot.scratch_address, stream)
             elif serve.checksum:  # the reference backend
                 with torch.cuda.stream(stream):
                     sent = payload_checksum_torch(slot.buffer[HEADER_BYTES:nbytes])
@@ -460,7 +462,7 @@ class NcclTransport(ChunkedTransport):
             wire.abort()  # frees NCCL's memory without waiting on a peer that may be gone
 
 
-def _verdict(status_words: _StatusWords, op, final: bool = False):
+def _verdict(status_words: _PullStatusPool, op, final: bool = False):
     """A pull's outcome once its last unpack ran: its status words (unpack status, checksum
     failures), read once, after which the entry goes back to the pool."""
     words = status_words.read(op)
